@@ -1,0 +1,190 @@
+"""Lazy, load-once access to every model a method may need.
+
+Methods ask :class:`Components` for what they use (SAM, the proposal generator, DINOv2,
+the ``<SEG>`` VLM, a chat VLM, a detector, our trained heads); each model is built the
+first time it is asked for and kept until :meth:`Components.release`. Loading is
+serialised by a lock so concurrent requests never load a model twice.
+"""
+
+from __future__ import annotations
+
+import gc
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import torch
+
+from llmseg_ros.config import SegmenterConfig
+from llmseg_ros.device import resolve_device, resolve_dtype
+from llmseg_ros.weights import LoadedWeights, WeightsNotFoundError, load_weights, weights_help
+
+if TYPE_CHECKING:
+    from segment_anything.modeling import Sam
+
+    from llmseg_ros.chat_vlm import ChatVLM
+    from llmseg_ros.embeddings import MaskEmbedder
+    from llmseg_ros.proposals import ProposalGenerator
+    from llmseg_ros.vlm import SegVLM
+
+T = TypeVar("T")
+
+# Which inputs each method needs; used to report every missing file at once.
+METHOD_NEEDS: dict[str, tuple[str, ...]] = {
+    "llmseg": ("sam", "dinov2", "vlm", "weights"),
+    "lisa": ("sam", "vlm", "weights"),
+    "grounded": ("sam", "vlm", "detector"),
+    "vlm_grounding": ("sam", "vlm"),
+    "vlm_marks": ("sam", "vlm"),
+}
+
+
+def _looks_like_path(value: str) -> bool:
+    """Hub ids are ``owner/name``; anything absolute, relative-dotted or existing is a path."""
+    return value.startswith(("/", ".", "~")) or Path(value).exists() or value.count("/") != 1
+
+
+def missing_inputs(config: SegmenterConfig) -> list[str]:
+    """Human-readable lines, one per missing local file or directory the method needs.
+
+    Hub ids are not checked here (they are resolved, or fail with their own message, when
+    the model loads); local paths that do not exist are reported with how to get them.
+    """
+    needs = METHOD_NEEDS[config.method]
+    problems: list[str] = []
+    if "sam" in needs:
+        if config.sam_checkpoint is None:
+            problems.append(
+                f"SAM checkpoint: not set (sam_checkpoint); get the {config.sam_model_type} checkpoint with "
+                "`llmseg fetch-weights` or from the segment-anything release"
+            )
+        elif not Path(config.sam_checkpoint).expanduser().is_file():
+            problems.append(
+                f"SAM checkpoint: {config.sam_checkpoint} not found; get it with `llmseg fetch-weights` "
+                "or from the segment-anything release"
+            )
+    for key, label in (("dinov2", "DINOv2 model"), ("vlm", "VLM"), ("detector", "detector")):
+        if key not in needs:
+            continue
+        value = str(getattr(config, key))
+        if _looks_like_path(value) and not Path(value).expanduser().exists():
+            problems.append(f"{label}: {value} not found; download it with `llmseg fetch-weights`")
+    if "weights" in needs:
+        if config.weights_dir is None:
+            problems.append(
+                "trained weights: not set (weights_dir / --weights); " + weights_help([]).splitlines()[1]
+            )
+        else:
+            from llmseg_ros.weights import missing_weight_files
+
+            for path in missing_weight_files(config.weights_dir):
+                problems.append(f"trained weights: {path} not found; produce them with training/train.py")
+    return problems
+
+
+class Components:
+    """The models of one pipeline, each loaded on first use and kept until ``release``.
+
+    Attributes:
+        config: the pipeline configuration.
+        device: resolved torch device.
+        dtype: resolved compute dtype for the large models (SAM post-processing and the
+            small heads stay float32).
+    """
+
+    def __init__(self, config: SegmenterConfig) -> None:
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        self._models: dict[str, Any] = {}
+        self._lock = threading.RLock()
+
+    def _get(self, name: str, factory: Callable[[], T]) -> T:
+        with self._lock:
+            if name not in self._models:
+                self._models[name] = factory()
+            return self._models[name]  # type: ignore[no-any-return]
+
+    @property
+    def loaded(self) -> list[str]:
+        """Names of the models currently in memory."""
+        with self._lock:
+            return sorted(self._models)
+
+    # -- foundation models -----------------------------------------------------------
+    def sam(self) -> Sam:
+        def build() -> Sam:
+            from llmseg_ros.sam import build_sam
+
+            if self.config.sam_checkpoint is None:
+                raise WeightsNotFoundError(
+                    "SAM checkpoint not set (sam_checkpoint); get it with `llmseg fetch-weights`"
+                )
+            return build_sam(self.config.sam_model_type, self.config.sam_checkpoint, self.device)
+
+        return self._get("sam", build)
+
+    def proposal_generator(self) -> ProposalGenerator:
+        def build() -> ProposalGenerator:
+            from llmseg_ros.proposals import ProposalGenerator
+
+            return ProposalGenerator.from_config(self.sam(), self.config.proposals)
+
+        return self._get("proposal_generator", build)
+
+    def trained_weights(self) -> LoadedWeights:
+        def build() -> LoadedWeights:
+            if self.config.weights_dir is None:
+                raise WeightsNotFoundError(weights_help([]))
+            return load_weights(self.config.weights_dir)
+
+        return self._get("trained_weights", build)
+
+    def mask_embedder(self) -> MaskEmbedder:
+        def build() -> MaskEmbedder:
+            from llmseg_ros.embeddings import MaskEmbedder
+
+            embedder = MaskEmbedder.load(
+                self.config.dinov2, device=self.device, dtype=self.dtype, input_size=self.config.embed_size
+            )
+            state = self.trained_weights().state_dicts.get("mask_proj")
+            if state is None:
+                raise ValueError(f"weights in {self.config.weights_dir} hold no 'mask_proj.*' tensors")
+            embedder.proj.load_state_dict(state)
+            return embedder.eval()
+
+        return self._get("mask_embedder", build)
+
+    def seg_vlm(self) -> SegVLM:
+        def build() -> SegVLM:
+            from llmseg_ros.vlm import SegVLM
+
+            weights = self.trained_weights()
+            return SegVLM.load(
+                self.config.vlm,
+                device=self.device,
+                dtype=self.dtype,
+                adapter_dir=weights.adapter_dir,
+                quantization=self.config.vlm_quantization,
+            )
+
+        return self._get("seg_vlm", build)
+
+    def chat_vlm(self) -> ChatVLM:
+        def build() -> ChatVLM:
+            from llmseg_ros.chat_vlm import ChatVLM
+
+            return ChatVLM.load(
+                self.config.vlm, device=self.device, dtype=self.dtype, quantization=self.config.vlm_quantization
+            )
+
+        return self._get("chat_vlm", build)
+
+    def release(self) -> None:
+        """Drop every model (and free cached GPU memory)."""
+        with self._lock:
+            self._models.clear()
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

@@ -1,0 +1,194 @@
+"""Typed configuration of the reasoning-segmentation pipeline.
+
+Every object validates itself in ``__post_init__`` and raises ``ValueError`` naming the
+field and the bad value. ``SegmenterConfig.from_dict`` / ``to_dict`` give the JSON / YAML
+form used by the CLI (``--config``), the ROS parameters and the weights directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+METHODS = ("llmseg", "lisa", "grounded", "vlm_grounding", "vlm_marks")
+SELECTION_STRATEGIES = (
+    "top1_iou",
+    "iop_threshold",
+    "top1_iou_iop_threshold",
+    "topk_iou_iop_threshold",
+)
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+SAM_MODEL_TYPES = ("vit_h", "vit_l", "vit_b", "tiny")
+QUANTIZATION = (None, "8bit", "4bit")
+PROPOSAL_IMPLEMENTATIONS = ("fast", "reference")
+
+
+def _check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+
+def _check_range(name: str, value: float, low: float, high: float) -> None:
+    if not (low <= value <= high):
+        raise ValueError(f"{name} must be in [{low}, {high}], got {value!r}")
+
+
+@dataclass
+class ProposalConfig:
+    """SAM everything-mode parameters (defaults: the reference generator's)."""
+
+    points_per_side: int = 32
+    points_per_batch: int = 64
+    pred_iou_thresh: float = 0.88
+    stability_score_thresh: float = 0.95
+    stability_score_offset: float = 1.0
+    box_nms_thresh: float = 0.7
+    max_proposals: int = 50
+    max_long_side: int = 1024
+    implementation: str = "fast"
+
+    def __post_init__(self) -> None:
+        if self.points_per_side < 1:
+            raise ValueError(f"points_per_side must be >= 1, got {self.points_per_side}")
+        if self.points_per_batch < 1:
+            raise ValueError(f"points_per_batch must be >= 1, got {self.points_per_batch}")
+        _check_range("pred_iou_thresh", self.pred_iou_thresh, -1e9, 1e9)
+        _check_range("box_nms_thresh", self.box_nms_thresh, 0.0, 1.0)
+        if self.max_proposals < 1:
+            raise ValueError(f"max_proposals must be >= 1, got {self.max_proposals}")
+        if self.max_long_side < 16:
+            raise ValueError(f"max_long_side must be >= 16, got {self.max_long_side}")
+        _check_choice("implementation", self.implementation, PROPOSAL_IMPLEMENTATIONS)
+
+
+@dataclass
+class SelectionConfig:
+    """How proposals are picked from the selector's scores (LLM-Seg Table 3)."""
+
+    strategy: str = "iop_threshold"
+    iop_threshold: float = 0.5
+    top_k: int = 5
+
+    def __post_init__(self) -> None:
+        _check_choice("strategy", self.strategy, SELECTION_STRATEGIES)
+        _check_range("iop_threshold", self.iop_threshold, 0.0, 1.0)
+        if self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+
+
+@dataclass
+class LoraSettings:
+    """LoRA hyper-parameters (LLM-Seg / LISA defaults)."""
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise ValueError(f"r must be >= 1, got {self.r}")
+        _check_range("dropout", self.dropout, 0.0, 1.0)
+        self.target_modules = tuple(self.target_modules)
+        if not self.target_modules:
+            raise ValueError("target_modules must name at least one module")
+
+
+@dataclass
+class SegmenterConfig:
+    """Everything needed to build a :class:`llmseg_ros.pipeline.ReasonSegmenter`.
+
+    Model fields take a local path or a Hugging Face hub id (DINOv2, VLM) or a local
+    checkpoint file (SAM, from its official URL; see ``llmseg fetch-weights``).
+
+    Attributes:
+        method: which method answers instructions (see ``METHODS``).
+        sam_checkpoint: path of the SAM ``.pth`` checkpoint; ``None`` only for methods
+            that need no SAM.
+        sam_model_type: ``vit_h`` | ``vit_l`` | ``vit_b`` | ``tiny`` (the test model).
+        dinov2: hub id or directory of a ``Dinov2Model``.
+        vlm: hub id or directory of the VLM (``LlavaForConditionalGeneration`` for
+            llmseg/lisa/grounded; any image-text-to-text chat model for vlm_*).
+        weights_dir: our trained weights (selector, projection, LoRA adapter, JSON
+            config); required by llmseg and lisa.
+        detector: hub id or directory of a Grounding DINO model (grounded method).
+        device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (CUDA when available).
+        dtype: ``auto`` (bfloat16 on CUDA when supported, else float16 on CUDA,
+            float32 on CPU) or an explicit dtype; SAM post-processing is always fp32.
+        vlm_quantization: ``None``, ``8bit`` or ``4bit`` (bitsandbytes, CUDA only).
+        embed_size: DINOv2 input long side (896 in LLM-Seg).
+        max_instruction_chars: longest instruction accepted.
+    """
+
+    method: str = "llmseg"
+    sam_checkpoint: str | None = None
+    sam_model_type: str = "vit_h"
+    dinov2: str = "facebook/dinov2-large"
+    vlm: str = "llava-hf/llava-1.5-7b-hf"
+    weights_dir: str | None = None
+    detector: str = "IDEA-Research/grounding-dino-base"
+    device: str = "auto"
+    dtype: str = "auto"
+    vlm_quantization: str | None = None
+    embed_size: int = 896
+    max_instruction_chars: int = 1000
+    proposals: ProposalConfig = field(default_factory=ProposalConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    profile: str = "custom"
+
+    def __post_init__(self) -> None:
+        _check_choice("method", self.method, METHODS)
+        _check_choice("sam_model_type", self.sam_model_type, SAM_MODEL_TYPES)
+        _check_choice("dtype", self.dtype, DTYPES)
+        _check_choice("vlm_quantization", self.vlm_quantization, QUANTIZATION)
+        if not (self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda")):
+            raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+        if self.embed_size < 14 or self.embed_size % 14 != 0:
+            raise ValueError(f"embed_size must be a positive multiple of 14, got {self.embed_size}")
+        if self.max_instruction_chars < 1:
+            raise ValueError(f"max_instruction_chars must be >= 1, got {self.max_instruction_chars}")
+        for name, cls in (("proposals", ProposalConfig), ("selection", SelectionConfig), ("lora", LoraSettings)):
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                setattr(self, name, cls(**value))
+            elif not isinstance(value, cls):
+                raise ValueError(f"{name} must be a {cls.__name__} or a dict, got {type(value).__name__}")
+
+    # -- serialisation -------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["lora"]["target_modules"] = list(self.lora.target_modules)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SegmenterConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown config field(s) {unknown}; expected some of {sorted(known)}")
+        return cls(**data)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> SegmenterConfig:
+        """Read a JSON or YAML file (by extension) holding the fields of this class."""
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ValueError(f"cannot read config file {path}: {exc}") from exc
+        if path.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError(f"config file {path} must hold a mapping, got {type(data).__name__}")
+        return cls.from_dict(data)
+
+    def replace(self, **changes: Any) -> SegmenterConfig:
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,189 @@
+"""LLM-Seg: SAM proposals + DINOv2 mask embeddings, picked by a ``<SEG>`` query.
+
+Per frame (instruction-independent, cached): SAM everything-mode proposals, DINOv2 mask
+embeddings (K, 256), and the VLM's key/value cache of the image prefix.
+Per instruction: one teacher-forced VLM pass → ``<SEG>`` hidden state → text projection
+(h→h→256) → selector (fusion + IoU / IoP heads) → selection strategy → union mask.
+
+Confidence (``SegmentResult.confidence``):
+    * IoP-based strategies: mean predicted IoP of the selected proposals; when nothing is
+      selected (the "no such object" answer), ``1 - max IoP`` — the confidence that
+      nothing qualifies.
+    * ``top1_iou``: the selected proposal's cosine similarity mapped to [0, 1] as
+      ``(s + 1) / 2``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from llmseg_ros.config import SelectionConfig
+from llmseg_ros.methods.base import SegmentRequest
+from llmseg_ros.types import FrameFeatures, SegmentResult
+
+if TYPE_CHECKING:
+    from llmseg_ros.components import Components
+    from llmseg_ros.embeddings import MaskEmbedder
+    from llmseg_ros.heads import TextProjection
+    from llmseg_ros.proposals import ProposalGenerator
+    from llmseg_ros.selector import ProposalSelector
+    from llmseg_ros.vlm import SegVLM
+
+PREFIX_KEY = "seg_vlm_prefix"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def selection_confidence(similarity: np.ndarray, iop: np.ndarray, selected: list[int], strategy: str) -> float:
+    """Confidence of a selection in [0, 1] (see the module docstring)."""
+    if len(iop) == 0:
+        return 0.0
+    if strategy == "top1_iou":
+        return float(np.clip((similarity[selected[0]] + 1.0) / 2.0, 0.0, 1.0)) if selected else 0.0
+    if not selected:
+        return float(1.0 - iop.max())
+    return float(np.mean(iop[selected]))
+
+
+class LLMSegMethod:
+    """The LLM-Seg method on loaded models (see the module docstring)."""
+
+    name = "llmseg"
+
+    def __init__(
+        self,
+        proposal_generator: ProposalGenerator,
+        mask_embedder: MaskEmbedder,
+        vlm: SegVLM,
+        projection: TextProjection,
+        selector: ProposalSelector,
+        selection: SelectionConfig | None = None,
+    ) -> None:
+        self.proposal_generator = proposal_generator
+        self.mask_embedder = mask_embedder
+        self.vlm = vlm
+        self.projection = projection.eval()
+        self.selector = selector.eval()
+        self.selection = selection or SelectionConfig()
+        self.device = next(self.selector.parameters()).device
+        self._prefix_lock = threading.Lock()
+
+    @classmethod
+    def from_components(cls, components: Components) -> LLMSegMethod:
+        from llmseg_ros.heads import TextProjection
+        from llmseg_ros.selector import ProposalSelector
+
+        weights = components.trained_weights()
+        if weights.manifest.method != "llmseg":
+            raise ValueError(
+                f"weights in {components.config.weights_dir} were trained for method "
+                f"{weights.manifest.method!r}, not 'llmseg'"
+            )
+        vlm = components.seg_vlm()
+        if vlm.hidden_size != weights.manifest.hidden_size:
+            raise ValueError(
+                f"VLM {components.config.vlm!r} has hidden size {vlm.hidden_size}, but the weights in "
+                f"{components.config.weights_dir} expect {weights.manifest.hidden_size} "
+                f"(trained on {weights.manifest.base_vlm!r})"
+            )
+        projection = TextProjection(weights.manifest.hidden_size, weights.manifest.embed_dim)
+        selector = ProposalSelector()
+        for module, key in ((projection, "projection"), (selector, "selector")):
+            state = weights.state_dicts.get(key)
+            if state is None:
+                raise ValueError(f"weights in {components.config.weights_dir} hold no '{key}.*' tensors")
+            module.load_state_dict(state)
+        projection.to(components.device)
+        selector.to(components.device)
+        return cls(
+            components.proposal_generator(),
+            components.mask_embedder(),
+            vlm,
+            projection,
+            selector,
+            components.config.selection,
+        )
+
+    # -- per frame -----------------------------------------------------------------
+    @torch.inference_mode()
+    def prepare(self, image: np.ndarray) -> FrameFeatures:
+        t0 = time.perf_counter()
+        proposals = self.proposal_generator.generate(image)
+        t1 = time.perf_counter()
+        features = self.mask_embedder.backbone_features(image)
+        feature_map = self.mask_embedder.project(features)
+        embeddings = self.mask_embedder.pool(feature_map, proposals.masks).float()
+        _sync(self.device)
+        t2 = time.perf_counter()
+        return FrameFeatures(
+            image=image,
+            proposals=proposals,
+            mask_embeddings=embeddings,
+            timings={"proposals": t1 - t0, "mask_embeddings": t2 - t1},
+        )
+
+    def _prefix(self, frame: FrameFeatures, timings: dict[str, float]) -> Any:
+        """The VLM's image-prefix cache for this frame, computed on first use."""
+        with self._prefix_lock:
+            prefix = frame.cache.get(PREFIX_KEY)
+            if prefix is None:
+                t0 = time.perf_counter()
+                prefix = self.vlm.encode_prefix(frame.image)
+                _sync(self.device)
+                timings["vlm_prefix"] = time.perf_counter() - t0
+                frame.cache[PREFIX_KEY] = prefix
+            return prefix
+
+    # -- per instruction -----------------------------------------------------------
+    @torch.inference_mode()
+    def segment(self, frame: FrameFeatures, request: SegmentRequest) -> SegmentResult:
+        if frame.mask_embeddings is None:
+            raise ValueError("frame was not prepared by the llmseg method (no mask embeddings)")
+        selection = request.selection or self.selection
+        timings: dict[str, float] = {}
+        prefix = self._prefix(frame, timings)
+        t0 = time.perf_counter()
+        answer: str | None = None
+        hidden: torch.Tensor | None = None
+        if request.explain:
+            answer, hidden = self.vlm.generate(
+                prefix, request.instruction, history=request.history, is_sentence=request.is_sentence
+            )
+        if hidden is None:
+            hidden = self.vlm.seg_hidden(
+                prefix, request.instruction, is_sentence=request.is_sentence, history=request.history
+            )
+        _sync(self.device)
+        t1 = time.perf_counter()
+        query = self.projection(hidden.to(self.device, torch.float32).unsqueeze(0))[0]  # (256,)
+        similarity_t, iop_t = self.selector.score(frame.mask_embeddings.to(self.device), query)
+        similarity = similarity_t.float().cpu().numpy()
+        iop = iop_t.float().cpu().numpy()
+        from llmseg_ros.selector import select, union_mask
+
+        selected = select(
+            similarity, iop, selection.strategy, iop_threshold=selection.iop_threshold, top_k=selection.top_k
+        )
+        mask = union_mask(frame.proposals.masks, selected)
+        t2 = time.perf_counter()
+        timings.update({"vlm": t1 - t0, "selector": t2 - t1})
+        return SegmentResult(
+            mask=mask,
+            selected=selected,
+            similarity=similarity,
+            iop=iop,
+            confidence=selection_confidence(similarity, iop, selected, selection.strategy),
+            num_proposals=len(frame.proposals),
+            method=self.name,
+            answer=answer,
+            timings=timings,
+            extras={"strategy": selection.strategy, "iop_threshold": selection.iop_threshold},
+        )

@@ -1,0 +1,132 @@
+"""Tiny random models of the real architectures, saved to disk and loaded back through
+the same code as real weights.
+
+They exist so that tests, CI and ``llmseg segment --profile tiny`` exercise every line of
+the pipeline on any machine, with no downloads. Their outputs are meaningless.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from llmseg_ros.config import METHODS, ProposalConfig, SegmenterConfig
+
+TINY_PROFILE_VERSION = 1
+MARKER = "tiny_profile.json"
+TINY_EMBED_SIZE = 112
+
+# Random SAM weights rarely pass the reference score filters, so the tiny profile keeps
+# every mask the decoder proposes (up to max_proposals) to exercise the whole pipeline.
+TINY_PROPOSALS = ProposalConfig(
+    points_per_side=8,
+    points_per_batch=64,
+    pred_iou_thresh=-1e4,
+    stability_score_thresh=0.0,
+    box_nms_thresh=0.7,
+    max_proposals=20,
+)
+
+
+def _build_llmseg_weights(directory: Path, llava_dir: Path, dinov2_dir: Path, seed: int) -> None:
+    from llmseg_ros.config import LoraSettings
+    from llmseg_ros.embeddings import MaskEmbedder
+    from llmseg_ros.heads import TextProjection
+    from llmseg_ros.selector import ProposalSelector
+    from llmseg_ros.vlm import SegVLM
+    from llmseg_ros.weights import WeightsManifest, save_weights
+
+    torch.manual_seed(seed)
+    cpu = torch.device("cpu")
+    lora = LoraSettings()
+    vlm = SegVLM.load(str(llava_dir), device=cpu, dtype=torch.float32, lora=lora, trainable=True)
+    embedder = MaskEmbedder.load(str(dinov2_dir), device=cpu, dtype=torch.float32, input_size=TINY_EMBED_SIZE)
+    projection = TextProjection(vlm.hidden_size)
+    selector = ProposalSelector()
+    manifest = WeightsManifest(
+        method="llmseg",
+        base_vlm=str(llava_dir),
+        hidden_size=vlm.hidden_size,
+        dinov2=str(dinov2_dir),
+        embed_size=TINY_EMBED_SIZE,
+        sam_model_type="tiny",
+        lora={"r": lora.r, "alpha": lora.alpha, "dropout": lora.dropout, "target_modules": list(lora.target_modules)},
+        extra={"profile": "tiny", "seed": seed, "note": "random weights, not trained"},
+    )
+    save_weights(
+        directory,
+        manifest,
+        {"projection": projection, "selector": selector, "mask_proj": embedder.proj},
+        vlm=vlm,
+    )
+
+
+def _write_profile(directory: Path, seed: int) -> None:
+    from llmseg_ros.tiny.qwen import save_tiny_qwen2_5_vl
+    from llmseg_ros.tiny.sam import save_tiny_sam
+    from llmseg_ros.tiny.vision import save_tiny_dinov2
+    from llmseg_ros.tiny.vlm import save_tiny_llava
+
+    save_tiny_sam(directory / "sam_tiny.pth", seed=seed)
+    save_tiny_dinov2(directory / "dinov2", seed=seed)
+    save_tiny_llava(directory / "llava", seed=seed)
+    save_tiny_qwen2_5_vl(directory / "qwen2_5_vl", seed=seed)
+    _build_llmseg_weights(directory / "weights", directory / "llava", directory / "dinov2", seed)
+    with open(directory / MARKER, "w", encoding="utf-8") as fh:
+        json.dump({"version": TINY_PROFILE_VERSION, "seed": seed}, fh)
+
+
+def _profile_is_complete(directory: Path, seed: int) -> bool:
+    try:
+        data = json.loads((directory / MARKER).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return False
+    return data == {"version": TINY_PROFILE_VERSION, "seed": seed}
+
+
+def build_tiny_profile(directory: str | Path, *, method: str = "llmseg", seed: int = 0) -> SegmenterConfig:
+    """Create (once) and describe the tiny random models of every method.
+
+    The models are written to a temporary sibling and renamed into ``directory``, so an
+    interrupted build is never mistaken for a complete one. Later calls reuse them.
+
+    Args:
+        directory: where the tiny models live.
+        method: which method the returned config selects.
+        seed: random seed of the weights.
+    Returns:
+        A config whose every path points into ``directory`` (CPU, float32).
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
+    directory = Path(directory).expanduser()
+    if not _profile_is_complete(directory, seed):
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+        try:
+            _write_profile(tmp, seed)
+            if directory.exists():
+                shutil.rmtree(directory)
+            os.replace(tmp, directory)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    vlm_dir = directory / ("qwen2_5_vl" if method in ("vlm_grounding", "vlm_marks") else "llava")
+    return SegmenterConfig(
+        method=method,
+        sam_checkpoint=str(directory / "sam_tiny.pth"),
+        sam_model_type="tiny",
+        dinov2=str(directory / "dinov2"),
+        vlm=str(vlm_dir),
+        weights_dir=str(directory / "weights"),
+        device="cpu",
+        dtype="float32",
+        embed_size=TINY_EMBED_SIZE,
+        proposals=TINY_PROPOSALS,
+        profile="tiny",
+    )
