@@ -130,8 +130,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
     from llmseg_ros.imageio import mask_to_mono8, read_rgb, render_overlay, write_image_atomic
 
     try:
-        config = config_from_args(args)
         image = read_rgb(args.image)
+        config = config_from_args(args)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE

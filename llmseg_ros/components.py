@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
     from llmseg_ros.chat_vlm import ChatVLM
     from llmseg_ros.embeddings import MaskEmbedder
+    from llmseg_ros.methods.grounded import GroundingDetector
     from llmseg_ros.proposals import ProposalGenerator
     from llmseg_ros.vlm import SegVLM
 
@@ -180,6 +181,14 @@ class Components:
             )
 
         return self._get("chat_vlm", build)
+
+    def detector(self) -> GroundingDetector:
+        def build() -> GroundingDetector:
+            from llmseg_ros.methods.grounded import GroundingDetector
+
+            return GroundingDetector.load(self.config.detector, device=self.device)
+
+        return self._get("detector", build)
 
     def release(self) -> None:
         """Drop every model (and free cached GPU memory)."""

@@ -64,9 +64,13 @@ def download_url(
     dest: Path,
     *,
     expected_md5_prefix: str | None = None,
-    opener: Callable[..., object] = urllib.request.urlopen,
+    opener: Callable[..., object] | None = None,
 ) -> Path:
-    """Download ``url`` to ``dest`` with a progress bar; atomic; optional MD5-prefix check."""
+    """Download ``url`` to ``dest`` with a progress bar; atomic; optional MD5-prefix check.
+
+    ``opener`` defaults to ``urllib.request.urlopen`` (looked up at call time).
+    """
+    opener = opener or urllib.request.urlopen
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
     digest = hashlib.md5(usedforsecurity=False)

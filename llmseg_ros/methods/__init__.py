@@ -24,6 +24,18 @@ def _llmseg(components: Components) -> SegmentationMethod:
     return LLMSegMethod.from_components(components)
 
 
+def _lisa(components: Components) -> SegmentationMethod:
+    from llmseg_ros.methods.lisa import LisaMethod
+
+    return LisaMethod.from_components(components)
+
+
+def _grounded(components: Components) -> SegmentationMethod:
+    from llmseg_ros.methods.grounded import GroundedMethod
+
+    return GroundedMethod.from_components(components)
+
+
 def _vlm_grounding(components: Components) -> SegmentationMethod:
     from llmseg_ros.methods.vlm_grounding import VLMGroundingMethod
 
@@ -38,6 +50,8 @@ def _vlm_marks(components: Components) -> SegmentationMethod:
 
 _BUILDERS: dict[str, Callable[[Components], SegmentationMethod]] = {
     "llmseg": _llmseg,
+    "lisa": _lisa,
+    "grounded": _grounded,
     "vlm_grounding": _vlm_grounding,
     "vlm_marks": _vlm_marks,
 }

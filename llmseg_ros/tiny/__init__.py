@@ -33,10 +33,14 @@ TINY_PROPOSALS = ProposalConfig(
 )
 
 
-def _build_llmseg_weights(directory: Path, llava_dir: Path, dinov2_dir: Path, seed: int) -> None:
+def _build_trained_weights(directory: Path, seed: int) -> None:
+    """Random (untrained) heads + LoRA adapters in the real weights format, for both
+    trained methods: ``weights/`` (llmseg) and ``weights_lisa/`` (lisa)."""
     from llmseg_ros.config import LoraSettings
     from llmseg_ros.embeddings import MaskEmbedder
     from llmseg_ros.heads import TextProjection
+    from llmseg_ros.methods.lisa import LisaMaskHead
+    from llmseg_ros.sam import build_sam
     from llmseg_ros.selector import ProposalSelector
     from llmseg_ros.vlm import SegVLM
     from llmseg_ros.weights import WeightsManifest, save_weights
@@ -44,29 +48,33 @@ def _build_llmseg_weights(directory: Path, llava_dir: Path, dinov2_dir: Path, se
     torch.manual_seed(seed)
     cpu = torch.device("cpu")
     lora = LoraSettings()
+    llava_dir, dinov2_dir = directory / "llava", directory / "dinov2"
     vlm = SegVLM.load(str(llava_dir), device=cpu, dtype=torch.float32, lora=lora, trainable=True)
+    common = {
+        "base_vlm": str(llava_dir),
+        "hidden_size": vlm.hidden_size,
+        "sam_model_type": "tiny",
+        "lora": {"r": lora.r, "alpha": lora.alpha, "dropout": lora.dropout, "target_modules": list(lora.target_modules)},
+        "extra": {"profile": "tiny", "seed": seed, "note": "random weights, not trained"},
+    }
     embedder = MaskEmbedder.load(str(dinov2_dir), device=cpu, dtype=torch.float32, input_size=TINY_EMBED_SIZE)
-    projection = TextProjection(vlm.hidden_size)
-    selector = ProposalSelector()
-    manifest = WeightsManifest(
-        method="llmseg",
-        base_vlm=str(llava_dir),
-        hidden_size=vlm.hidden_size,
-        dinov2=str(dinov2_dir),
-        embed_size=TINY_EMBED_SIZE,
-        sam_model_type="tiny",
-        lora={"r": lora.r, "alpha": lora.alpha, "dropout": lora.dropout, "target_modules": list(lora.target_modules)},
-        extra={"profile": "tiny", "seed": seed, "note": "random weights, not trained"},
-    )
     save_weights(
-        directory,
-        manifest,
-        {"projection": projection, "selector": selector, "mask_proj": embedder.proj},
+        directory / "weights",
+        WeightsManifest(method="llmseg", dinov2=str(dinov2_dir), embed_size=TINY_EMBED_SIZE, **common),
+        {"projection": TextProjection(vlm.hidden_size), "selector": ProposalSelector(), "mask_proj": embedder.proj},
+        vlm=vlm,
+    )
+    head = LisaMaskHead(build_sam("tiny", directory / "sam_tiny.pth", cpu), vlm.hidden_size)
+    save_weights(
+        directory / "weights_lisa",
+        WeightsManifest(method="lisa", **common),
+        {"projection": head.projection, "mask_decoder": head.mask_decoder},
         vlm=vlm,
     )
 
 
 def _write_profile(directory: Path, seed: int) -> None:
+    from llmseg_ros.tiny.detector import save_tiny_grounding_dino
     from llmseg_ros.tiny.qwen import save_tiny_qwen2_5_vl
     from llmseg_ros.tiny.sam import save_tiny_sam
     from llmseg_ros.tiny.vision import save_tiny_dinov2
@@ -76,7 +84,8 @@ def _write_profile(directory: Path, seed: int) -> None:
     save_tiny_dinov2(directory / "dinov2", seed=seed)
     save_tiny_llava(directory / "llava", seed=seed)
     save_tiny_qwen2_5_vl(directory / "qwen2_5_vl", seed=seed)
-    _build_llmseg_weights(directory / "weights", directory / "llava", directory / "dinov2", seed)
+    save_tiny_grounding_dino(directory / "grounding_dino", seed=seed)
+    _build_trained_weights(directory, seed)
     with open(directory / MARKER, "w", encoding="utf-8") as fh:
         json.dump({"version": TINY_PROFILE_VERSION, "seed": seed}, fh)
 
@@ -123,7 +132,8 @@ def build_tiny_profile(directory: str | Path, *, method: str = "llmseg", seed: i
         sam_model_type="tiny",
         dinov2=str(directory / "dinov2"),
         vlm=str(vlm_dir),
-        weights_dir=str(directory / "weights"),
+        weights_dir=str(directory / ("weights_lisa" if method == "lisa" else "weights")),
+        detector=str(directory / "grounding_dino"),
         device="cpu",
         dtype="float32",
         embed_size=TINY_EMBED_SIZE,

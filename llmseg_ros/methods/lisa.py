@@ -1,0 +1,165 @@
+"""LISA (embedding-as-mask): the ``<SEG>`` embedding prompts SAM's mask decoder.
+
+``<SEG>`` hidden state → text projection (h→h→256, LISA's ``text_hidden_fcs``) → appended
+to SAM's (empty) sparse prompt tokens → SAM mask decoder, single-mask output → SAM's own
+post-processing to the frame's resolution → mask = logits > 0.
+
+Per frame (cached): SAM's image embedding and the VLM's image-prefix cache.
+Confidence: SAM's IoU prediction for the mask, clipped to [0, 1].
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from llmseg_ros.methods.base import SegmentRequest
+from llmseg_ros.sam_prompting import SamImageEncoding, decode_masks, encode_image
+from llmseg_ros.types import FrameFeatures, Proposals, SegmentResult
+
+if TYPE_CHECKING:
+    from segment_anything.modeling import Sam
+
+    from llmseg_ros.components import Components
+    from llmseg_ros.vlm import SegVLM
+
+SAM_KEY = "sam_encoding"
+PREFIX_KEY = "seg_vlm_prefix"
+
+
+class LisaMaskHead(nn.Module):
+    """The trainable part of LISA: text projection + a copy of SAM's mask decoder.
+
+    SAM itself (image encoder, prompt encoder) stays frozen and shared: it is held by
+    reference, not registered as a submodule, so ``state_dict()`` / ``parameters()`` of
+    this head are exactly what LISA trains and what the weights directory stores.
+    """
+
+    def __init__(self, sam: Sam, hidden_size: int) -> None:
+        super().__init__()
+        import copy
+
+        from llmseg_ros.heads import TextProjection
+
+        self._sam = [sam]  # a list keeps SAM out of this module's parameters
+        self.projection = TextProjection(hidden_size, sam.prompt_encoder.embed_dim)
+        self.mask_decoder = copy.deepcopy(sam.mask_decoder)
+
+    @property
+    def sam(self) -> Sam:
+        return self._sam[0]
+
+    def forward(self, encoding: SamImageEncoding, seg_hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mask logits for one frame.
+
+        Args:
+            encoding: the frame's SAM encoding.
+            seg_hidden: (N, hidden) ``<SEG>`` hidden states (N prompts on this frame).
+        Returns:
+            logits (N, H, W) at the frame's resolution and IoU predictions (N,).
+        """
+        text = self.projection(seg_hidden.float()).unsqueeze(1)  # (N, 1, 256)
+        logits, iou = decode_masks(
+            self.sam, encoding, extra_sparse=text, multimask_output=False, mask_decoder=self.mask_decoder
+        )
+        return logits[:, 0], iou[:, 0]
+
+    def trainable_state_dicts(self) -> dict[str, dict[str, torch.Tensor]]:
+        """What the weights directory stores for LISA: projection and mask decoder."""
+        return {"projection": self.projection.state_dict(), "mask_decoder": self.mask_decoder.state_dict()}
+
+
+class LisaMethod:
+    """LISA inference on loaded models (see the module docstring)."""
+
+    name = "lisa"
+
+    def __init__(self, sam: Sam, vlm: SegVLM, head: LisaMaskHead) -> None:
+        self.sam = sam
+        self.vlm = vlm
+        self.head = head.eval()
+        self._prefix_lock = threading.Lock()
+
+    @classmethod
+    def from_components(cls, components: Components) -> LisaMethod:
+        weights = components.trained_weights()
+        if weights.manifest.method != "lisa":
+            raise ValueError(
+                f"weights in {components.config.weights_dir} were trained for method "
+                f"{weights.manifest.method!r}, not 'lisa'"
+            )
+        sam = components.sam()
+        vlm = components.seg_vlm()
+        if vlm.hidden_size != weights.manifest.hidden_size:
+            raise ValueError(
+                f"VLM hidden size {vlm.hidden_size} does not match the weights' {weights.manifest.hidden_size}"
+            )
+        head = LisaMaskHead(sam, vlm.hidden_size)
+        if "projection" not in weights.state_dicts:
+            raise ValueError(f"weights in {components.config.weights_dir} hold no 'projection.*' tensors")
+        head.projection.load_state_dict(weights.state_dicts["projection"])
+        if "mask_decoder" in weights.state_dicts:  # else SAM's own decoder (zero-shot)
+            head.mask_decoder.load_state_dict(weights.state_dicts["mask_decoder"])
+        head.to(components.device)
+        return cls(sam, vlm, head)
+
+    @torch.inference_mode()
+    def prepare(self, image: np.ndarray) -> FrameFeatures:
+        t0 = time.perf_counter()
+        encoding = encode_image(self.sam, image)
+        return FrameFeatures(
+            image=image,
+            proposals=Proposals.empty(image.shape[0], image.shape[1]),
+            timings={"sam_encoder": time.perf_counter() - t0},
+            cache={SAM_KEY: encoding},
+        )
+
+    def _prefix(self, frame: FrameFeatures, timings: dict[str, float]) -> Any:
+        with self._prefix_lock:
+            if PREFIX_KEY not in frame.cache:
+                t0 = time.perf_counter()
+                frame.cache[PREFIX_KEY] = self.vlm.encode_prefix(frame.image)
+                timings["vlm_prefix"] = time.perf_counter() - t0
+            return frame.cache[PREFIX_KEY]
+
+    @torch.inference_mode()
+    def segment(self, frame: FrameFeatures, request: SegmentRequest) -> SegmentResult:
+        encoding = frame.cache.get(SAM_KEY)
+        if encoding is None:
+            raise ValueError("frame was not prepared by the lisa method (no SAM encoding)")
+        timings: dict[str, float] = {}
+        prefix = self._prefix(frame, timings)
+        t0 = time.perf_counter()
+        answer: str | None = None
+        hidden: torch.Tensor | None = None
+        if request.explain:
+            answer, hidden = self.vlm.generate(
+                prefix, request.instruction, history=request.history, is_sentence=request.is_sentence
+            )
+        if hidden is None:
+            hidden = self.vlm.seg_hidden(
+                prefix, request.instruction, is_sentence=request.is_sentence, history=request.history
+            )
+        t1 = time.perf_counter()
+        logits, iou = self.head(encoding, hidden.reshape(1, -1).to(encoding.embedding.device))
+        mask = (logits[0] > self.sam.mask_threshold).cpu().numpy()
+        sam_iou = float(iou[0])
+        t2 = time.perf_counter()
+        timings.update({"vlm": t1 - t0, "sam_decoder": t2 - t1})
+        return SegmentResult(
+            mask=mask,
+            selected=[],
+            similarity=np.zeros(0, np.float32),
+            iop=np.zeros(0, np.float32),
+            confidence=float(np.clip(sam_iou, 0.0, 1.0)),
+            num_proposals=0,
+            method=self.name,
+            answer=answer,
+            timings=timings,
+            extras={"sam_iou_prediction": sam_iou},
+        )

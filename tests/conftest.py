@@ -1,0 +1,45 @@
+"""Shared fixtures: one tiny profile (tiny random SAM, DINOv2, LLaVA, Qwen2.5-VL, Grounding
+DINO and untrained heads) built once per test session and loaded through the real code."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_profile_dir(tmp_path_factory):
+    from llmseg_ros.tiny import build_tiny_profile
+
+    directory = tmp_path_factory.mktemp("tiny_profile") / "tiny"
+    build_tiny_profile(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_config_factory(tiny_profile_dir):
+    from llmseg_ros.tiny import build_tiny_profile
+
+    def make(method: str = "llmseg"):
+        return build_tiny_profile(tiny_profile_dir, method=method)
+
+    return make
+
+
+@pytest.fixture
+def scene_image() -> np.ndarray:
+    """A small RGB scene (three flat shapes on a gradient), (96, 128, 3) uint8."""
+    import cv2
+
+    h, w = 96, 128
+    img = np.zeros((h, w, 3), np.uint8)
+    img[:] = np.linspace(40, 200, w, dtype=np.uint8)[None, :, None]
+    cv2.circle(img, (30, 40), 15, (220, 30, 30), -1)
+    cv2.rectangle(img, (60, 20), (100, 60), (30, 200, 40), -1)
+    cv2.fillPoly(img, [np.array([[20, 90], [50, 65], [80, 90]], np.int32)], (30, 40, 220))
+    return img
