@@ -129,7 +129,7 @@ class SegmenterConfig:
     dinov2: str = "facebook/dinov2-large"
     vlm: str = "llava-hf/llava-1.5-7b-hf"
     weights_dir: str | None = None
-    detector: str = "IDEA-Research/grounding-dino-base"
+    detector: str = "IDEA-Research/grounding-dino-tiny"
     device: str = "auto"
     dtype: str = "auto"
     vlm_quantization: str | None = None

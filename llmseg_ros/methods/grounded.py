@@ -101,7 +101,7 @@ class GroundingDetector:
         if (model.startswith(("/", ".", "~")) or local.exists()) and not local.is_dir():
             raise FileNotFoundError(
                 f"detector directory {local} not found; download it with "
-                "`llmseg fetch-weights --vlm IDEA-Research/grounding-dino-base`"
+                "`llmseg fetch-weights --vlm IDEA-Research/grounding-dino-tiny`"
             )
         try:
             net = AutoModelForZeroShotObjectDetection.from_pretrained(model, dtype=torch.float32)
@@ -124,7 +124,10 @@ class GroundingDetector:
         text = phrase.lower().strip()
         if not text.endswith("."):
             text += "."
-        inputs = self.processor(images=image, text=text, return_tensors="pt").to(self.device)
+        max_len = int(getattr(self.model.config, "max_text_len", 256))
+        inputs = self.processor(
+            images=image, text=text, return_tensors="pt", truncation=True, max_length=max_len
+        ).to(self.device)
         outputs = self.model(**inputs)
         result = self.processor.post_process_grounded_object_detection(
             outputs,
