@@ -38,6 +38,7 @@ EXTRAS = {
         "accelerate>=1.0",
     ],
     "train": ["accelerate>=1.0"],
+    "datagen": ["pillow>=10"],
     "quant": ["bitsandbytes>=0.43"],
 }
 EXTRAS["all"] = sorted({dep for deps in EXTRAS.values() for dep in deps})

@@ -1,0 +1,474 @@
+"""Replay a recorded rosbag2 through the segmenter, without ROS 2 (``rosbags``).
+
+Reads a sqlite3 or MCAP rosbag2 with a colour image topic (optionally a registered depth
+image and its CameraInfo), answers the scheduled instruction on the scheduled frames with
+the node's own request handling, and writes a NEW bag holding every input message
+unchanged plus the node's output topics for each answered frame:
+
+    <ns>/mask                       sensor_msgs/Image mono8 (colour header)
+    <ns>/segmentation               llmseg_ros/msg/Segmentation (colour header)
+    <ns>/overlay                    sensor_msgs/Image bgr8 (colour header)
+    <ns>/masked_depth               sensor_msgs/Image 16UC1 / 32FC1 (depth header)
+    <ns>/masked_depth/camera_info   sensor_msgs/CameraInfo (the matched input message)
+    <ns>/points                     sensor_msgs/PointCloud2 XYZ float32 (depth header)
+
+Output messages carry the input frame's headers and the colour message's log time. The
+bag is written into a temporary directory next to the destination and renamed into place
+when complete. The schedule format is described in :mod:`llmseg_ros.ros.schedule`.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Final, Literal
+
+from llmseg_ros.ros.frames import NS_PER_S, FrameBuffer, format_stamp, frame_from_messages, stamp_to_ns
+from llmseg_ros.ros.handler import HandlerSettings, RequestHandler, Segmenter
+from llmseg_ros.ros.messages import MessageBuilder, MessageTypes, NumpyArrays
+from llmseg_ros.ros.outputs import build_outputs
+from llmseg_ros.ros.schedule import ReplaySchedule, TimedInstruction
+
+# Field lines of msg/Segmentation.msg without comments (a test checks they match the file),
+# so that replay works from a pip install, where msg/ is not shipped.
+SEGMENTATION_MSGTYPE = "llmseg_ros/msg/Segmentation"
+SEGMENTATION_MSG = """\
+std_msgs/Header header
+string instruction
+string conversation_id
+sensor_msgs/Image mask
+int32[] selected
+float32[] selected_similarity
+float32[] selected_iop
+int32 num_proposals
+float32 confidence
+string method
+string answer
+string[] stage_names
+float64[] stage_seconds
+"""
+IMAGE = "sensor_msgs/msg/Image"
+CAMERA_INFO = "sensor_msgs/msg/CameraInfo"
+POINT_CLOUD = "sensor_msgs/msg/PointCloud2"
+STORAGES = ("sqlite3", "mcap")
+BAG_VERSION: Final[Literal[8]] = 8  # rosbag2 metadata version written (9 is readable by Jazzy and newer only)
+
+
+@dataclass
+class ReplayTopics:
+    """Input topics: colour image, and optionally the registered depth image and its CameraInfo."""
+
+    image: str
+    depth: str | None = None
+    camera_info: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.depth is None) != (self.camera_info is None):
+            raise ValueError("depth and camera_info topics go together: give both or neither")
+
+
+@dataclass
+class ReplaySummary:
+    """What a replay did.
+
+    Attributes:
+        frames: colour frames in the input.
+        processed: frames answered successfully (one message per output topic each).
+        failed: scheduled frames whose request failed (``messages`` says why).
+        unmatched: ``at`` entries that matched no frame.
+        output: the new bag.
+        storage: its storage plugin.
+        counts: messages written per output topic.
+        messages: failure reasons and warnings.
+    """
+
+    frames: int
+    processed: int
+    failed: int
+    unmatched: list[TimedInstruction]
+    output: Path
+    storage: str
+    counts: dict[str, int] = field(default_factory=dict)
+    messages: list[str] = field(default_factory=list)
+
+
+def output_topics(namespace: str) -> dict[str, str]:
+    """Output topic per key (``mask``, ``segmentation``, ...) under an absolute namespace."""
+    if not namespace.startswith("/"):
+        raise ValueError(f"output namespace must be absolute (start with '/'), got {namespace!r}")
+    ns = namespace.rstrip("/")
+    return {
+        "mask": f"{ns}/mask",
+        "segmentation": f"{ns}/segmentation",
+        "overlay": f"{ns}/overlay",
+        "masked_depth": f"{ns}/masked_depth",
+        "camera_info": f"{ns}/masked_depth/camera_info",
+        "points": f"{ns}/points",
+    }
+
+
+def detect_storage(path: str | Path) -> str:
+    """``sqlite3`` or ``mcap`` for a rosbag2 directory (from its metadata) or a bare ``.db3`` / ``.mcap`` file."""
+    path = Path(path)
+    if path.is_file():
+        suffixes = {".db3": "sqlite3", ".mcap": "mcap"}
+        if path.suffix not in suffixes:
+            raise ValueError(f"{path} is not a rosbag2 directory or a .db3/.mcap file")
+        return suffixes[path.suffix]
+    metadata = path / "metadata.yaml"
+    if not metadata.is_file():
+        raise ValueError(f"{path} is not a rosbag2 bag: {metadata} does not exist")
+    import yaml
+
+    info = (yaml.safe_load(metadata.read_text(encoding="utf-8")) or {}).get("rosbag2_bagfile_information", {})
+    storage = str(info.get("storage_identifier", ""))
+    if storage not in STORAGES:
+        raise ValueError(f"{path} uses storage {storage!r}; expected one of {list(STORAGES)}")
+    return storage
+
+
+def make_typestore() -> Any:
+    """A ``rosbags`` typestore with the ROS 2 Humble types plus ``llmseg_ros/msg/Segmentation``."""
+    from rosbags.typesys import Stores, get_types_from_msg, get_typestore
+
+    typestore = get_typestore(Stores.ROS2_HUMBLE)
+    typestore.register(get_types_from_msg(SEGMENTATION_MSG, SEGMENTATION_MSGTYPE))
+    return typestore
+
+
+def message_types(typestore: Any) -> MessageTypes:
+    """The ``rosbags`` message classes the builder needs."""
+    t = typestore.types
+    return MessageTypes(
+        header=t["std_msgs/msg/Header"],
+        time=t["builtin_interfaces/msg/Time"],
+        image=t[IMAGE],
+        point_field=t["sensor_msgs/msg/PointField"],
+        point_cloud=t[POINT_CLOUD],
+        segmentation=t[SEGMENTATION_MSGTYPE],
+    )
+
+
+def guess_topics(connections: Iterable[Any]) -> ReplayTopics:
+    """The colour topic when the bag has exactly one Image topic (depth needs explicit topics)."""
+    images = sorted({c.topic for c in connections if c.msgtype == IMAGE})
+    if len(images) != 1:
+        raise ValueError(
+            f"the bag has {len(images)} sensor_msgs/msg/Image topics {images}; name the colour one with --image-topic"
+            " (and --depth-topic / --camera-info-topic for depth)"
+        )
+    return ReplayTopics(image=images[0])
+
+
+def replay_bag(
+    input_path: str | Path,
+    output_path: str | Path,
+    schedule: ReplaySchedule,
+    segmenter: Segmenter,
+    topics: ReplayTopics | None = None,
+    *,
+    storage: str | None = None,
+    output_namespace: str = "/llmseg",
+    overlay: bool = True,
+    sync_slop_s: float = 0.05,
+    timeout_s: float = 600.0,
+    overwrite: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> ReplaySummary:
+    """Run ``segmenter`` over a bag and write a new bag with its outputs.
+
+    Args:
+        input_path: rosbag2 directory (or bare .db3 / .mcap file).
+        output_path: the new bag directory (must not exist unless ``overwrite``).
+        schedule: which instruction applies to which colour frame.
+        segmenter: a loaded segmenter.
+        topics: input topics; ``None`` = the bag's only Image topic, without depth.
+        storage: ``sqlite3`` / ``mcap`` of the output; ``None`` = the input's.
+        output_namespace: absolute prefix of the output topics.
+        overlay: also write the bgr8 overlay topic.
+        sync_slop_s: seconds between a colour stamp and its depth / CameraInfo stamps.
+        timeout_s: per-frame deadline of the request handler.
+        overwrite: replace an existing ``output_path``.
+        progress: show a tqdm progress bar (one step per scheduled frame).
+        log: receives warnings and the reason of every failed frame.
+    Raises:
+        ValueError: bad paths, topics or storage (checked before anything is written).
+    """
+    from rosbags.rosbag2 import Reader
+
+    input_path, output_path = Path(input_path), Path(output_path)
+    if not input_path.exists():
+        raise ValueError(f"input bag {input_path} does not exist")
+    if output_path.resolve() == input_path.resolve():
+        raise ValueError("the output bag must differ from the input bag")
+    if output_path.exists() and not overwrite:
+        raise ValueError(f"output bag {output_path} exists; choose another path or pass --overwrite")
+    out_storage = storage or detect_storage(input_path)
+    if out_storage not in STORAGES:
+        raise ValueError(f"storage must be one of {list(STORAGES)}, got {out_storage!r}")
+    with Reader(input_path) as reader:
+        replay = _Replay(
+            reader, schedule, segmenter, topics, output_topics(output_namespace), sync_slop_s, timeout_s
+        )
+        summary = ReplaySummary(replay.frames, 0, 0, replay.unmatched, output_path, out_storage)
+        for entry in replay.unmatched:
+            log(
+                f"warning: no colour frame within {schedule.tolerance_ns / NS_PER_S:g} s of stamp "
+                f"{format_stamp(entry.stamp_ns)} ({entry.instruction!r})"
+            )
+        output_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp_dir = Path(tempfile.mkdtemp(prefix=f".{output_path.name}.", dir=output_path.parent))
+        try:
+            replay.run(tmp_dir / output_path.name, out_storage, summary, overlay=overlay, progress=progress)
+            if output_path.exists():
+                shutil.rmtree(output_path)
+            os.replace(tmp_dir / output_path.name, output_path)
+        finally:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+    for line in summary.messages:
+        log(line)
+    return summary
+
+
+def _nearest(sorted_stamps: list[int], stamp: int, slop_ns: int) -> int | None:
+    j = bisect.bisect_left(sorted_stamps, stamp)
+    near = [k for k in (j - 1, j) if 0 <= k < len(sorted_stamps)]
+    if not near:
+        return None
+    best = min(near, key=lambda k: abs(sorted_stamps[k] - stamp))
+    return sorted_stamps[best] if abs(sorted_stamps[best] - stamp) <= slop_ns else None
+
+
+class _Replay:
+    """One replay: scans the bag's stamps (pass 1), then copies and answers (pass 2)."""
+
+    def __init__(
+        self,
+        reader: Any,
+        schedule: ReplaySchedule,
+        segmenter: Segmenter,
+        topics: ReplayTopics | None,
+        out_topics: dict[str, str],
+        sync_slop_s: float,
+        timeout_s: float,
+    ) -> None:
+        self.reader = reader
+        self.schedule = schedule
+        self.out_topics = out_topics
+        self.topics = topics or guess_topics(reader.connections)
+        self.typestore = make_typestore()
+        self.builder = MessageBuilder(message_types(self.typestore), NumpyArrays())
+        self.slop_s = sync_slop_s
+        self.image_conns = self._connections(self.topics.image, IMAGE)
+        self.depth_conns = self._connections(self.topics.depth, IMAGE)
+        self.info_conns = self._connections(self.topics.camera_info, CAMERA_INFO)
+        clash = sorted({c.topic for c in reader.connections} & set(out_topics.values()))
+        if clash:
+            raise ValueError(
+                f"input topics {clash} clash with the output topics; choose another --output-namespace"
+            )
+        self.buffer = FrameBuffer(1)
+        self.handler = RequestHandler(
+            segmenter,
+            self.buffer,
+            HandlerSettings(
+                max_instruction_chars=segmenter.config.max_instruction_chars,
+                request_timeout_s=timeout_s,
+                stamp_tolerance_s=0.0,
+                image_topic=self.topics.image,
+            ),
+        )
+        self._scan()
+
+    def _connections(self, topic: str | None, msgtype: str) -> list[Any]:
+        if topic is None:
+            return []
+        found = [c for c in self.reader.connections if c.topic == topic]
+        if not found:
+            topics = sorted({c.topic for c in self.reader.connections})
+            raise ValueError(f"topic {topic!r} is not in the bag; its topics are {topics}")
+        for conn in found:
+            if conn.msgtype != msgtype:
+                raise ValueError(f"topic {topic!r} has type {conn.msgtype}; expected {msgtype}")
+        return found
+
+    def _stamp(self, conn: Any, raw: Any) -> int:
+        return stamp_to_ns(self.typestore.deserialize_cdr(raw, conn.msgtype).header.stamp)
+
+    def _scan(self) -> None:
+        """Pass 1: header stamps → scheduled frames and their depth / CameraInfo partners."""
+        ids = {
+            c.id: kind
+            for kind, conns in (("c", self.image_conns), ("d", self.depth_conns), ("i", self.info_conns))
+            for c in conns
+        }
+        stamps: dict[str, list[int]] = {"c": [], "d": [], "i": []}
+        for conn, _, raw in self.reader.messages(
+            connections=self.image_conns + self.depth_conns + self.info_conns
+        ):
+            stamps[ids[conn.id]].append(self._stamp(conn, raw))
+        self.colour_stamps = stamps["c"]
+        self.frames = len(self.colour_stamps)
+        self.plan, self.unmatched = self.schedule.plan(self.colour_stamps)
+        slop_ns = round(self.slop_s * NS_PER_S)
+        depth, info = sorted(stamps["d"]), sorted(stamps["i"])
+        # frame index → (depth stamp, info stamp); None when the frame has no partners.
+        self.partners: dict[int, tuple[int, int] | None] = {}
+        # partner stamp → how many scheduled frames still need it (held until then).
+        self.wanted: dict[str, dict[int, int]] = {"d": {}, "i": {}}
+        for index in self.plan:
+            d = _nearest(depth, self.colour_stamps[index], slop_ns) if self.depth_conns else None
+            i = _nearest(info, self.colour_stamps[index], slop_ns) if self.info_conns else None
+            self.partners[index] = (d, i) if d is not None and i is not None else None
+            if d is not None and i is not None:
+                self.wanted["d"][d] = self.wanted["d"].get(d, 0) + 1
+                self.wanted["i"][i] = self.wanted["i"].get(i, 0) + 1
+
+    def run(self, bag: Path, storage: str, summary: ReplaySummary, *, overlay: bool, progress: bool) -> None:
+        """Pass 2: copy every message to ``bag``; answer each scheduled frame once its partners arrived."""
+        from rosbags.rosbag2 import StoragePlugin, Writer
+        from tqdm import tqdm
+
+        kinds = {
+            c.id: kind
+            for kind, conns in (("c", self.image_conns), ("d", self.depth_conns), ("i", self.info_conns))
+            for c in conns
+        }
+        held: dict[str, dict[int, Any]] = {"d": {}, "i": {}}
+        pending: list[tuple[int, Any, int]] = []  # (frame index, colour message, log time)
+        colour_index = -1
+        plugin = StoragePlugin.MCAP if storage == "mcap" else StoragePlugin.SQLITE3
+        with (
+            Writer(bag, version=BAG_VERSION, storage_plugin=plugin) as writer,
+            tqdm(total=len(self.plan), unit="frame", desc="replay-bag", disable=not progress) as bar,
+        ):
+            copies = {c.id: _copy_connection(writer, c, self.typestore) for c in self.reader.connections}
+            out = _OutputWriter(writer, self.typestore, self.out_topics, summary)
+            for conn, log_ns, raw in self.reader.messages():
+                writer.write(copies[conn.id], log_ns, raw)
+                kind = kinds.get(conn.id)
+                if kind in ("d", "i"):
+                    msg = self.typestore.deserialize_cdr(raw, conn.msgtype)
+                    stamp = stamp_to_ns(msg.header.stamp)
+                    if self.wanted[kind].get(stamp, 0) > 0:
+                        held[kind][stamp] = msg
+                elif kind == "c":
+                    colour_index += 1
+                    if colour_index in self.plan:
+                        pending.append(
+                            (colour_index, self.typestore.deserialize_cdr(raw, conn.msgtype), log_ns)
+                        )
+                still = []
+                for index, colour, colour_log_ns in pending:
+                    partners = self.partners[index]
+                    if partners is not None and not (partners[0] in held["d"] and partners[1] in held["i"]):
+                        still.append((index, colour, colour_log_ns))
+                        continue
+                    depth = info = None
+                    if partners is not None:
+                        depth, info = held["d"][partners[0]], held["i"][partners[1]]
+                        self._release(held, partners)
+                    self._answer(index, colour, depth, info, colour_log_ns, out, summary, overlay)
+                    bar.update(1)
+                pending = still
+            for index, colour, colour_log_ns in pending:  # partners never arrived: answer without depth
+                self._answer(index, colour, None, None, colour_log_ns, out, summary, overlay)
+                bar.update(1)
+
+    def _release(self, held: dict[str, dict[int, Any]], partners: tuple[int, int]) -> None:
+        for kind, stamp in zip(("d", "i"), partners):
+            self.wanted[kind][stamp] -= 1
+            if self.wanted[kind][stamp] == 0:
+                del held[kind][stamp]
+
+    def _answer(
+        self,
+        index: int,
+        colour: Any,
+        depth: Any,
+        info: Any,
+        log_ns: int,
+        out: _OutputWriter,
+        summary: ReplaySummary,
+        overlay: bool,
+    ) -> None:
+        where = f"frame {index} ({format_stamp(self.colour_stamps[index])})"
+        if self.depth_conns and depth is None:
+            summary.messages.append(
+                f"{where}: no depth + camera_info within {self.slop_s:g} s; answered without depth"
+            )
+        try:
+            frame = frame_from_messages(colour, depth, info)
+        except (ValueError, TypeError) as exc:
+            summary.failed += 1
+            summary.messages.append(f"{where}: {exc}")
+            return
+        self.buffer.add(frame)
+        request = SimpleNamespace(
+            instruction=self.plan[index],
+            image=None,
+            stamp=SimpleNamespace(sec=frame.stamp_ns // NS_PER_S, nanosec=frame.stamp_ns % NS_PER_S),
+            selection_strategy=self.schedule.selection_strategy,
+            iop_threshold=self.schedule.iop_threshold,
+            return_overlay=False,
+            explain=self.schedule.explain,
+            conversation_id="",
+        )
+        outcome = self.handler.handle(request)
+        if not outcome.success:
+            summary.failed += 1
+            summary.messages.append(f"{where}: {outcome.message}")
+            return
+        outputs = build_outputs(outcome, overlay=overlay)
+        b = self.builder
+        out.write("mask", IMAGE, b.image(outputs.mask, outputs.header), log_ns)
+        out.write("segmentation", SEGMENTATION_MSGTYPE, b.segmentation(outcome, outputs.mask), log_ns)
+        if outputs.overlay is not None:
+            out.write("overlay", IMAGE, b.image(outputs.overlay, outputs.header), log_ns)
+        if outputs.masked_depth is not None and outputs.depth_header is not None:
+            out.write("masked_depth", IMAGE, b.image(outputs.masked_depth, outputs.depth_header), log_ns)
+            out.write("camera_info", CAMERA_INFO, outputs.camera_info, log_ns)
+            if outputs.cloud is not None:
+                out.write("points", POINT_CLOUD, b.point_cloud(outputs.cloud, outputs.depth_header), log_ns)
+        summary.messages.extend(f"{where}: {warning}" for warning in outputs.warnings)
+        summary.processed += 1
+
+
+class _OutputWriter:
+    """Creates output connections on first use and counts what is written."""
+
+    def __init__(self, writer: Any, typestore: Any, topics: dict[str, str], summary: ReplaySummary) -> None:
+        self.writer, self.typestore, self.topics, self.summary = writer, typestore, topics, summary
+        self.connections: dict[str, Any] = {}
+
+    def write(self, key: str, msgtype: str, message: Any, log_ns: int) -> None:
+        topic = self.topics[key]
+        if key not in self.connections:
+            self.connections[key] = self.writer.add_connection(topic, msgtype, typestore=self.typestore)
+        self.writer.write(self.connections[key], log_ns, self.typestore.serialize_cdr(message, msgtype))
+        self.summary.counts[topic] = self.summary.counts.get(topic, 0) + 1
+
+
+def _copy_connection(writer: Any, conn: Any, typestore: Any) -> Any:
+    """Add an output connection identical to an input one (definition, hash, QoS, format)."""
+    msgdef = conn.msgdef.data if conn.msgdef is not None and conn.msgdef.data else None
+    digest = conn.digest or None
+    kwargs: dict[str, Any] = {
+        "serialization_format": getattr(conn.ext, "serialization_format", "cdr"),
+        "offered_qos_profiles": getattr(conn.ext, "offered_qos_profiles", None) or [],
+    }
+    if msgdef is not None and digest is not None:
+        return writer.add_connection(conn.topic, conn.msgtype, msgdef=msgdef, rihs01=digest, **kwargs)
+    if conn.msgtype not in typestore.types:
+        raise ValueError(
+            f"topic {conn.topic!r} ({conn.msgtype}) has no message definition in the input bag and is not a ROS 2"
+            " Humble type; cannot copy it"
+        )
+    return writer.add_connection(conn.topic, conn.msgtype, typestore=typestore, **kwargs)

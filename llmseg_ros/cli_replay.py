@@ -1,0 +1,129 @@
+"""``llmseg replay-bag``: run the pipeline over a rosbag2 and write a new bag (no ROS 2 needed).
+
+    llmseg replay-bag INPUT_BAG --instructions FILE --out OUTPUT_BAG \
+        [--config FILE | --weights DIR | --profile tiny] [--image-topic T] \
+        [--depth-topic T --camera-info-topic T] [--storage sqlite3|mcap] [...]
+
+See :mod:`llmseg_ros.bag_replay` for the output topics and :mod:`llmseg_ros.ros.schedule`
+for the instructions file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from llmseg_ros.cli import (
+    EXIT_FAIL,
+    EXIT_MISSING_WEIGHTS,
+    EXIT_OK,
+    EXIT_USAGE,
+    TINY_BANNER,
+    add_model_arguments,
+    config_from_args,
+)
+
+
+def add_replay_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``llmseg replay-bag`` (the model arguments included)."""
+    parser.add_argument(
+        "input_bag", type=Path, help="rosbag2 directory (sqlite3 or MCAP) or a .db3/.mcap file"
+    )
+    parser.add_argument(
+        "--instructions", type=Path, required=True, help="YAML/JSON file: which instruction when"
+    )
+    parser.add_argument(
+        "--out", type=Path, required=True, help="the new bag (a directory that must not exist)"
+    )
+    topics = parser.add_argument_group("topics")
+    topics.add_argument("--image-topic", help="colour image topic (default: the bag's only Image topic)")
+    topics.add_argument("--depth-topic", help="depth image registered to the colour image (16UC1 or 32FC1)")
+    topics.add_argument("--camera-info-topic", help="CameraInfo of the depth image")
+    topics.add_argument(
+        "--output-namespace", default="/llmseg", help="prefix of the output topics (default /llmseg)"
+    )
+    out = parser.add_argument_group("output")
+    out.add_argument(
+        "--storage", choices=["sqlite3", "mcap"], help="storage of the new bag (default: the input's)"
+    )
+    out.add_argument("--no-overlay", action="store_true", help="do not write the overlay topic")
+    out.add_argument("--sync-slop", type=float, default=0.05, help="seconds between colour and depth stamps")
+    out.add_argument("--timeout", type=float, default=600.0, help="seconds allowed per frame")
+    out.add_argument("--overwrite", action="store_true", help="replace an existing output bag")
+    out.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_model_arguments(parser)
+
+
+def run_replay(args: argparse.Namespace) -> int:
+    """Run ``llmseg replay-bag``; returns the exit code (0 ok, 1 some frames failed, 2 usage, 3 weights)."""
+    from llmseg_ros.bag_replay import ReplayTopics, replay_bag
+    from llmseg_ros.ros.schedule import ReplaySchedule
+
+    try:
+        schedule = ReplaySchedule.from_file(args.instructions)
+        topics = None
+        if args.image_topic or args.depth_topic or args.camera_info_topic:
+            if not args.image_topic:
+                raise ValueError("--depth-topic / --camera-info-topic need --image-topic")
+            topics = ReplayTopics(args.image_topic, args.depth_topic, args.camera_info_topic)
+        if not args.input_bag.exists():
+            raise ValueError(f"input bag {args.input_bag} does not exist")
+        if args.out.exists() and not args.overwrite:
+            raise ValueError(f"output bag {args.out} exists; choose another path or pass --overwrite")
+        config = config_from_args(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    from llmseg_ros.components import missing_inputs
+
+    missing = missing_inputs(config)
+    if missing:
+        print("error: cannot run: model files are missing:", file=sys.stderr)
+        for line in missing:
+            print(f"  - {line}", file=sys.stderr)
+        print(
+            "Run `llmseg replay-bag --profile tiny ...` to see the pipeline without weights.", file=sys.stderr
+        )
+        return EXIT_MISSING_WEIGHTS
+    from llmseg_ros.pipeline import ReasonSegmenter
+
+    segmenter = ReasonSegmenter(config)
+    t0 = time.perf_counter()
+    try:
+        segmenter.load()
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_MISSING_WEIGHTS
+    print(f"models loaded in {time.perf_counter() - t0:.2f} s ({segmenter.describe()['device']})")
+    try:
+        summary = replay_bag(
+            args.input_bag,
+            args.out,
+            schedule,
+            segmenter,
+            topics,
+            storage=args.storage,
+            output_namespace=args.output_namespace,
+            overlay=not args.no_overlay,
+            sync_slop_s=args.sync_slop,
+            timeout_s=args.timeout,
+            overwrite=args.overwrite,
+            progress=not args.no_progress,
+            log=lambda line: print(line, file=sys.stderr),
+        )
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    finally:
+        segmenter.close()
+    print(
+        f"{summary.processed} of {summary.frames} frames answered ({summary.failed} failed); "
+        f"wrote {summary.output} ({summary.storage})"
+    )
+    for topic, count in sorted(summary.counts.items()):
+        print(f"  {topic}: {count} messages")
+    if config.profile == "tiny":
+        print(TINY_BANNER.splitlines()[1])
+    return EXIT_OK if summary.failed == 0 else EXIT_FAIL

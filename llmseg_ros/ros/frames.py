@@ -1,0 +1,191 @@
+"""Camera frames and the buffer of the latest N frames, looked up by header stamp.
+
+Stamps are integer nanoseconds of ROS time (``sec · 10⁹ + nanosec`` of the header).
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from llmseg_ros.ros.depth import Intrinsics, intrinsics_from_camera_info
+from llmseg_ros.ros.images import depth_from_message, rgb_from_message
+
+NS_PER_S = 1_000_000_000
+
+
+def stamp_to_ns(stamp: Any) -> int:
+    """``builtin_interfaces/Time`` (fields ``sec``, ``nanosec``) → integer nanoseconds."""
+    return int(stamp.sec) * NS_PER_S + int(stamp.nanosec)
+
+
+def ns_to_sec_nanosec(stamp_ns: int) -> tuple[int, int]:
+    """Integer nanoseconds → (sec, nanosec) with 0 ≤ nanosec < 10⁹."""
+    sec, nanosec = divmod(int(stamp_ns), NS_PER_S)
+    return int(sec), int(nanosec)
+
+
+def format_stamp(stamp_ns: int) -> str:
+    """Human-readable ``sec.nanosec`` (e.g. ``1700000000.250000000``)."""
+    sec, nanosec = ns_to_sec_nanosec(stamp_ns)
+    return f"{sec}.{nanosec:09d}"
+
+
+@dataclass(frozen=True)
+class HeaderData:
+    """The fields of a ``std_msgs/Header``: stamp in nanoseconds, frame id."""
+
+    stamp_ns: int
+    frame_id: str
+
+    @classmethod
+    def from_message(cls, header: Any) -> HeaderData:
+        return cls(stamp_to_ns(header.stamp), str(header.frame_id))
+
+
+@dataclass
+class Frame:
+    """One colour frame (optionally with registered depth) ready for the segmenter.
+
+    Attributes:
+        header: the colour image's header (copied to every output).
+        rgb: (H, W, 3) uint8 RGB.
+        depth: (H', W') uint16 millimetres (16UC1) or float32 metres (32FC1), registered
+            to the colour image (same field of view), or ``None``.
+        depth_encoding: ``16UC1`` or ``32FC1`` when ``depth`` is set.
+        depth_header: the depth image's header (copied to the masked depth and points).
+        intrinsics: of the depth image, from its CameraInfo.
+        camera_info: the CameraInfo message itself, republished next to the masked depth.
+        from_request: the frame came in a service request rather than from the topic.
+    """
+
+    header: HeaderData
+    rgb: np.ndarray
+    depth: np.ndarray | None = None
+    depth_encoding: str | None = None
+    depth_header: HeaderData | None = None
+    intrinsics: Intrinsics | None = None
+    camera_info: Any = None
+    from_request: bool = False
+
+    @property
+    def stamp_ns(self) -> int:
+        return self.header.stamp_ns
+
+    @property
+    def key(self) -> tuple[int, str]:
+        """Identity of the frame for caches: (stamp, frame id)."""
+        return (self.header.stamp_ns, self.header.frame_id)
+
+    @property
+    def has_depth(self) -> bool:
+        return self.depth is not None and self.intrinsics is not None
+
+
+def frame_from_messages(
+    image: Any, depth: Any = None, camera_info: Any = None, *, from_request: bool = False
+) -> Frame:
+    """Convert synchronised Image (+ depth Image + CameraInfo) messages into a :class:`Frame`.
+
+    Raises:
+        ValueError: an unsupported encoding, inconsistent sizes or an uncalibrated CameraInfo.
+    """
+    rgb = rgb_from_message(image)
+    frame = Frame(header=HeaderData.from_message(image.header), rgb=rgb, from_request=from_request)
+    if depth is None:
+        return frame
+    if camera_info is None:
+        raise ValueError("a depth image needs its CameraInfo to be used")
+    frame.depth = depth_from_message(depth)
+    frame.depth_encoding = str(depth.encoding)
+    frame.depth_header = HeaderData.from_message(depth.header)
+    frame.intrinsics = intrinsics_from_camera_info(camera_info)
+    frame.camera_info = camera_info
+    return frame
+
+
+class FrameLookupError(LookupError):
+    """No buffered frame fits the request (none yet, or a stale / unknown stamp)."""
+
+
+class FrameBuffer:
+    """The latest ``capacity`` frames, sorted by stamp; thread-safe.
+
+    A frame with the stamp of a buffered one replaces it; frames arriving out of order
+    are inserted in stamp order; the oldest frames are dropped beyond ``capacity``.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError(f"frame buffer capacity must be >= 1, got {capacity}")
+        self.capacity = capacity
+        self._stamps: list[int] = []
+        self._frames: list[Frame] = []
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._frames)
+
+    def add(self, frame: Frame) -> None:
+        with self._lock:
+            i = bisect.bisect_left(self._stamps, frame.stamp_ns)
+            if i < len(self._stamps) and self._stamps[i] == frame.stamp_ns:
+                self._frames[i] = frame
+            else:
+                self._stamps.insert(i, frame.stamp_ns)
+                self._frames.insert(i, frame)
+            while len(self._frames) > self.capacity:
+                self._stamps.pop(0)
+                self._frames.pop(0)
+
+    def latest(self) -> Frame | None:
+        with self._lock:
+            return self._frames[-1] if self._frames else None
+
+    def stamps(self) -> list[int]:
+        with self._lock:
+            return list(self._stamps)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._stamps.clear()
+            self._frames.clear()
+
+    def get(self, stamp_ns: int, tolerance_ns: int = 0) -> Frame:
+        """The buffered frame nearest to ``stamp_ns``, within ``tolerance_ns``.
+
+        Raises:
+            FrameLookupError: the buffer is empty, or no frame is within the tolerance;
+                the message says whether the stamp is older than the buffer (stale),
+                newer than its latest frame, or falls between buffered frames.
+        """
+        with self._lock:
+            stamps = list(self._stamps)
+            frames = list(self._frames)
+        if not frames:
+            raise FrameLookupError("no frame has been received yet")
+        i = bisect.bisect_left(stamps, stamp_ns)
+        candidates = [j for j in (i - 1, i) if 0 <= j < len(stamps)]
+        best = min(candidates, key=lambda j: abs(stamps[j] - stamp_ns))
+        if abs(stamps[best] - stamp_ns) <= tolerance_ns:
+            return frames[best]
+        span = f"the buffer holds {len(stamps)} frame(s) from {format_stamp(stamps[0])} to {format_stamp(stamps[-1])}"
+        tol = f"{tolerance_ns / NS_PER_S:g} s"
+        if stamp_ns < stamps[0]:
+            raise FrameLookupError(
+                f"stamp {format_stamp(stamp_ns)} is stale: older than every buffered frame ({span}; "
+                f"it keeps the latest {self.capacity}, parameter frame_buffer_size)"
+            )
+        if stamp_ns > stamps[-1]:
+            raise FrameLookupError(
+                f"stamp {format_stamp(stamp_ns)} is newer than the latest buffered frame ({span})"
+            )
+        raise FrameLookupError(
+            f"no buffered frame within {tol} of stamp {format_stamp(stamp_ns)} (nearest: "
+            f"{format_stamp(stamps[best])}; {span}; parameter stamp_tolerance)"
+        )

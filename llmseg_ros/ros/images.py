@@ -1,0 +1,241 @@
+"""``sensor_msgs/Image`` ↔ numpy, written against the message's fields.
+
+Works with any object that has the fields of ``sensor_msgs/msg/Image`` (``height``,
+``width``, ``encoding``, ``is_bigendian``, ``step``, ``data``): rclpy messages on a robot
+(``data`` is an ``array.array('B')``), the message classes of ``rosbags`` (``data`` is a
+numpy ``uint8`` array), or plain bytes. No ROS import.
+
+Conventions: colour arrays are (H, W, C) in the encoding's channel order; single-channel
+arrays are (H, W). Rows may be padded (``step`` > width × bytes per pixel) and multi-byte
+pixels may be big-endian (``is_bigendian``); the arrays returned here are always packed
+and in native byte order.
+"""
+
+from __future__ import annotations
+
+import array
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class EncodingInfo:
+    """Pixel layout of one ``sensor_msgs/Image`` encoding."""
+
+    dtype: type[np.generic]
+    channels: int
+
+    @property
+    def bytes_per_pixel(self) -> int:
+        return int(np.dtype(self.dtype).itemsize) * self.channels
+
+
+ENCODINGS: dict[str, EncodingInfo] = {
+    "rgb8": EncodingInfo(np.uint8, 3),
+    "bgr8": EncodingInfo(np.uint8, 3),
+    "rgba8": EncodingInfo(np.uint8, 4),
+    "bgra8": EncodingInfo(np.uint8, 4),
+    "mono8": EncodingInfo(np.uint8, 1),
+    "mono16": EncodingInfo(np.uint16, 1),
+    "16UC1": EncodingInfo(np.uint16, 1),
+    "32FC1": EncodingInfo(np.float32, 1),
+}
+COLOUR_ENCODINGS = ("rgb8", "bgr8", "rgba8", "bgra8", "mono8", "mono16")
+DEPTH_ENCODINGS = ("16UC1", "32FC1")
+
+
+@dataclass
+class ImageData:
+    """The fields of a ``sensor_msgs/Image`` without its header.
+
+    Attributes:
+        height, width: pixels.
+        encoding: one of ``ENCODINGS``.
+        is_bigendian: byte order of multi-byte pixels in ``data``.
+        step: bytes per row (≥ width × bytes per pixel).
+        data: (step × height,) uint8.
+    """
+
+    height: int
+    width: int
+    encoding: str
+    is_bigendian: bool
+    step: int
+    data: np.ndarray
+
+
+def encoding_info(encoding: str) -> EncodingInfo:
+    """Layout of ``encoding``; ``ValueError`` listing the supported ones otherwise."""
+    try:
+        return ENCODINGS[encoding]
+    except KeyError:
+        raise ValueError(
+            f"unsupported image encoding {encoding!r}; expected one of {list(ENCODINGS)}"
+        ) from None
+
+
+def message_bytes(data: Any) -> np.ndarray:
+    """The ``data`` field of a message as a flat uint8 array (no copy when possible).
+
+    Accepts numpy arrays, ``bytes``/``bytearray``/``memoryview``, ``array.array`` and
+    sequences of ints (what rclpy and rosbags hold in ``uint8[]`` fields).
+    """
+    if isinstance(data, np.ndarray):
+        if data.dtype != np.uint8:
+            raise TypeError(f"image data must hold uint8 bytes, got a numpy array of dtype {data.dtype}")
+        return data.reshape(-1)
+    if isinstance(data, (bytes, bytearray, memoryview, array.array)):
+        return np.frombuffer(data, dtype=np.uint8)
+    if isinstance(data, (list, tuple)):
+        return np.asarray(data, dtype=np.uint8)
+    raise TypeError(
+        f"image data must be bytes, array.array, a numpy uint8 array or a list, got {type(data).__name__}"
+    )
+
+
+def is_empty_image(msg: Any) -> bool:
+    """True when an Image message carries no pixels (the "not set" value of a field)."""
+    if msg is None:
+        return True
+    if int(msg.height) == 0 or int(msg.width) == 0:
+        return True
+    return len(msg.data) == 0
+
+
+def image_to_numpy(msg: Any) -> np.ndarray:
+    """Pixels of an Image message as a packed, native-byte-order array.
+
+    Returns:
+        (H, W) for one channel (uint8, uint16 or float32 by encoding), else (H, W, C)
+        uint8 in the encoding's channel order. Always a new array (never a view of the
+        message buffer).
+    Raises:
+        ValueError: unsupported encoding, empty image, ``step`` too small or too little data.
+    """
+    info = encoding_info(str(msg.encoding))
+    height, width, step = int(msg.height), int(msg.width), int(msg.step)
+    if height <= 0 or width <= 0:
+        raise ValueError(f"image is empty: height={height}, width={width}")
+    row_bytes = width * info.bytes_per_pixel
+    if step < row_bytes:
+        raise ValueError(
+            f"image step {step} is smaller than width × bytes per pixel = {width} × {info.bytes_per_pixel}"
+            f" = {row_bytes} for encoding {msg.encoding!r}"
+        )
+    buf = message_bytes(msg.data)
+    needed = step * height
+    if buf.size < needed:
+        raise ValueError(
+            f"image data has {buf.size} bytes; expected step × height = {step} × {height} = {needed}"
+        )
+    rows = np.ascontiguousarray(buf[:needed].reshape(height, step)[:, :row_bytes])
+    wire = np.dtype(info.dtype).newbyteorder(">" if bool(msg.is_bigendian) else "<")
+    pixels = rows.view(wire).astype(info.dtype)  # native byte order, owns its memory
+    if info.channels == 1:
+        return pixels.reshape(height, width)
+    return pixels.reshape(height, width, info.channels)
+
+
+def numpy_to_image(
+    pixels: np.ndarray, encoding: str, *, is_bigendian: bool = False, row_padding: int = 0
+) -> ImageData:
+    """Pack an array into the fields of an Image message.
+
+    Args:
+        pixels: (H, W) or (H, W, C) with the dtype and channel count of ``encoding``
+            (e.g. uint8 (H, W, 3) for ``bgr8``, float32 (H, W) for ``32FC1``).
+        encoding: one of ``ENCODINGS``.
+        is_bigendian: write multi-byte pixels big-endian.
+        row_padding: extra zero bytes at the end of every row (``step`` grows by it).
+    Raises:
+        ValueError: the array does not match the encoding.
+    """
+    info = encoding_info(encoding)
+    if row_padding < 0:
+        raise ValueError(f"row_padding must be >= 0, got {row_padding}")
+    if pixels.ndim == 3 and info.channels == 1 and pixels.shape[2] == 1:
+        pixels = pixels[:, :, 0]
+    expected_ndim = 2 if info.channels == 1 else 3
+    if pixels.ndim != expected_ndim or (info.channels > 1 and pixels.shape[2] != info.channels):
+        want = "(H, W)" if info.channels == 1 else f"(H, W, {info.channels})"
+        raise ValueError(f"encoding {encoding!r} needs an array of shape {want}, got {pixels.shape}")
+    if pixels.dtype != np.dtype(info.dtype):
+        raise ValueError(f"encoding {encoding!r} needs dtype {np.dtype(info.dtype)}, got {pixels.dtype}")
+    height, width = int(pixels.shape[0]), int(pixels.shape[1])
+    if height == 0 or width == 0:
+        raise ValueError(f"cannot encode an empty image of shape {pixels.shape}")
+    wire = np.dtype(info.dtype).newbyteorder(">" if is_bigendian else "<")
+    packed = np.ascontiguousarray(pixels, dtype=wire).view(np.uint8).reshape(height, -1)
+    if row_padding:
+        packed = np.concatenate([packed, np.zeros((height, row_padding), dtype=np.uint8)], axis=1)
+    return ImageData(
+        height=height,
+        width=width,
+        encoding=encoding,
+        is_bigendian=bool(is_bigendian),
+        step=int(packed.shape[1]),
+        data=packed.reshape(-1),
+    )
+
+
+def to_rgb(pixels: np.ndarray, encoding: str) -> np.ndarray:
+    """Convert a colour/mono array to (H, W, 3) uint8 RGB for the segmenter.
+
+    ``mono16`` is scaled to 8 bits by rounding ``value / 257``. Depth encodings are
+    rejected: they are not pictures of the scene's colours.
+    """
+    if encoding not in COLOUR_ENCODINGS:
+        raise ValueError(
+            f"encoding {encoding!r} is not a colour encoding; the colour image must be one of {list(COLOUR_ENCODINGS)}"
+        )
+    if encoding == "rgb8":
+        out = pixels
+    elif encoding == "bgr8":
+        out = pixels[:, :, ::-1]
+    elif encoding == "rgba8":
+        out = pixels[:, :, :3]
+    elif encoding == "bgra8":
+        out = pixels[:, :, 2::-1]
+    elif encoding == "mono8":
+        out = np.repeat(pixels[:, :, None], 3, axis=2)
+    else:  # mono16
+        eight = ((pixels.astype(np.uint32) + 128) // 257).astype(np.uint8)
+        out = np.repeat(eight[:, :, None], 3, axis=2)
+    return np.ascontiguousarray(out, dtype=np.uint8)
+
+
+def rgb_from_message(msg: Any) -> np.ndarray:
+    """(H, W, 3) uint8 RGB from a colour Image message (any of ``COLOUR_ENCODINGS``)."""
+    encoding = str(msg.encoding)
+    if encoding in DEPTH_ENCODINGS:
+        raise ValueError(
+            f"the colour image has depth encoding {encoding!r}; expected one of {list(COLOUR_ENCODINGS)}"
+        )
+    return to_rgb(image_to_numpy(msg), encoding)
+
+
+def depth_from_message(msg: Any) -> np.ndarray:
+    """(H, W) depth from a depth Image message: uint16 millimetres (16UC1) or float32 metres (32FC1)."""
+    encoding = str(msg.encoding)
+    if encoding not in DEPTH_ENCODINGS:
+        raise ValueError(
+            f"the depth image has encoding {encoding!r}; expected one of {list(DEPTH_ENCODINGS)}"
+            " (16UC1 millimetres or 32FC1 metres)"
+        )
+    return image_to_numpy(msg)
+
+
+def mask_to_image(mask: np.ndarray) -> ImageData:
+    """(H, W) bool mask → mono8 image fields, 255 = selected, 0 = not."""
+    if mask.ndim != 2:
+        raise ValueError(f"mask must be (H, W), got shape {mask.shape}")
+    return numpy_to_image(np.where(mask.astype(bool), 255, 0).astype(np.uint8), "mono8")
+
+
+def overlay_bgr(rgb: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Debug overlay of ``mask`` on ``rgb``: (H, W, 3) uint8 in BGR order (for ``bgr8``)."""
+    from llmseg_ros.imageio import render_overlay
+
+    return np.ascontiguousarray(render_overlay(rgb, mask.astype(bool))[:, :, ::-1])

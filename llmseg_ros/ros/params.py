@@ -1,0 +1,340 @@
+"""ROS parameters ↔ :class:`~llmseg_ros.config.SegmenterConfig` and the node's settings.
+
+Parameter names are flat and dotted (``models.sam_checkpoint``, ``selection.strategy``,
+``proposals.points_per_side``, ``qos.reliability``, ...), which is how a nested YAML
+parameters file is flattened by ROS 2. Values are ROS parameter types only: ``None`` is
+written as ``""`` and tuples as string arrays. Pure functions, no ROS import.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from llmseg_ros.config import SegmenterConfig
+from llmseg_ros.ros.handler import HandlerSettings
+
+ParameterValue = bool | int | float | str | list[str]
+
+# Top-level config fields that are grouped under ``models.``.
+MODEL_FIELDS = (
+    "sam_checkpoint",
+    "sam_model_type",
+    "dinov2",
+    "vlm",
+    "weights_dir",
+    "detector",
+    "vlm_quantization",
+    "embed_size",
+)
+# Config fields that are not parameters (``profile`` is chosen by the node's ``profile``).
+SKIPPED_CONFIG_FIELDS = ("profile",)
+PROFILES = ("", "tiny")
+QOS_RELIABILITY = ("best_effort", "reliable")
+
+
+@dataclass
+class NodeSettings:
+    """Parameters of the node itself (not of the segmenter).
+
+    Attributes:
+        profile: ``""`` = models from the parameters; ``tiny`` = tiny random models built
+            in a temporary directory (tests and demos; the masks are meaningless).
+        use_depth: subscribe to ``depth`` + ``camera_info`` (approximate time sync with
+            ``image``) and publish masked depth and points.
+        frame_buffer_size: frames kept for stamp lookup (and cached features).
+        stamp_tolerance: seconds between a requested stamp and a buffered frame's.
+        request_timeout: seconds one request may take, waiting for the model included.
+        precompute: prepare proposals for each new frame in the background.
+        publish_overlay: publish the bgr8 ``overlay`` topic.
+        qos_reliability: image subscription reliability, ``best_effort`` or ``reliable``.
+        qos_depth: image subscription history depth (keep last N).
+        sync_slop: seconds of stamp difference the colour/depth/info sync accepts.
+        sync_queue_size: messages per topic the sync keeps while matching.
+    """
+
+    profile: str = ""
+    use_depth: bool = False
+    frame_buffer_size: int = 10
+    stamp_tolerance: float = 0.01
+    request_timeout: float = 60.0
+    precompute: bool = False
+    publish_overlay: bool = True
+    qos_reliability: str = "best_effort"
+    qos_depth: int = 1
+    sync_slop: float = 0.05
+    sync_queue_size: int = 10
+
+    def __post_init__(self) -> None:
+        if self.profile not in PROFILES:
+            raise ValueError(f"profile must be one of {list(PROFILES)}, got {self.profile!r}")
+        if self.qos_reliability not in QOS_RELIABILITY:
+            raise ValueError(
+                f"qos.reliability must be one of {list(QOS_RELIABILITY)}, got {self.qos_reliability!r}"
+            )
+        for name in ("frame_buffer_size", "qos_depth", "sync_queue_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{NODE_PARAMETERS[name]} must be >= 1, got {getattr(self, name)}")
+        for name, low in (("stamp_tolerance", ">= 0"), ("request_timeout", "> 0"), ("sync_slop", "> 0")):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0 or (low == "> 0" and value == 0):
+                raise ValueError(
+                    f"{NODE_PARAMETERS[name]} must be a finite number of seconds {low}, got {value}"
+                )
+
+
+# NodeSettings field → parameter name.
+NODE_PARAMETERS = {
+    "profile": "profile",
+    "use_depth": "use_depth",
+    "frame_buffer_size": "frame_buffer_size",
+    "stamp_tolerance": "stamp_tolerance",
+    "request_timeout": "request_timeout",
+    "precompute": "precompute",
+    "publish_overlay": "publish_overlay",
+    "qos_reliability": "qos.reliability",
+    "qos_depth": "qos.depth",
+    "sync_slop": "sync.slop",
+    "sync_queue_size": "sync.queue_size",
+}
+
+DESCRIPTIONS: dict[str, str] = {
+    # node
+    "profile": "'' = models from the parameters below; 'tiny' = tiny random models (tests/demos, meaningless masks)",
+    "use_depth": "also subscribe to depth + camera_info and publish masked_depth, its camera_info and points",
+    "frame_buffer_size": "latest frames kept for lookup by stamp (and their cached proposals)",
+    "stamp_tolerance": "seconds a requested stamp may differ from a buffered frame's",
+    "request_timeout": "seconds one request may take (waiting for the model included) before success=false",
+    "precompute": "compute proposals for each new frame in the background (at most one running, one pending)",
+    "publish_overlay": "publish the bgr8 overlay topic after each answer",
+    "qos.reliability": "image subscription reliability: best_effort (sensor data, default) or reliable",
+    "qos.depth": "image subscription history depth (keep last N)",
+    "sync.slop": "seconds of stamp difference accepted when matching image, depth and camera_info",
+    "sync.queue_size": "messages per topic kept by the approximate time synchroniser",
+    # segmenter
+    "method": "segmentation method: llmseg, lisa, grounded, vlm_grounding, vlm_marks",
+    "device": "cpu, cuda, cuda:N or auto (CUDA when available)",
+    "dtype": "auto (bf16/fp16 on CUDA, fp32 on CPU), float32, float16 or bfloat16",
+    "max_instruction_chars": "longest instruction accepted (characters)",
+    "models.sam_checkpoint": "path of the SAM .pth checkpoint ('' = none)",
+    "models.sam_model_type": "SAM variant: vit_h, vit_l, vit_b, tiny",
+    "models.dinov2": "DINOv2 hub id or local directory",
+    "models.vlm": "VLM hub id or local directory (LLaVA for llmseg/lisa/grounded)",
+    "models.weights_dir": "directory of the trained llmseg_ros weights (selector, projection, LoRA)",
+    "models.detector": "Grounding DINO hub id or directory (grounded method)",
+    "models.vlm_quantization": "'' (none), 8bit or 4bit VLM loading (bitsandbytes, CUDA only)",
+    "models.embed_size": "DINOv2 input long side in pixels (multiple of 14; 896 in LLM-Seg)",
+    "proposals.points_per_side": "SAM everything-mode grid: points per image side",
+    "proposals.points_per_batch": "SAM prompts decoded per batch",
+    "proposals.pred_iou_thresh": "keep masks whose predicted IoU exceeds this",
+    "proposals.stability_score_thresh": "keep masks whose stability score exceeds this",
+    "proposals.stability_score_offset": "logit offset of the stability score",
+    "proposals.box_nms_thresh": "box IoU above which NMS drops the lower-scored mask",
+    "proposals.max_proposals": "keep at most this many proposals (largest first)",
+    "proposals.max_long_side": "downscale the image so its long side is at most this (pixels)",
+    "proposals.implementation": "fast (ours) or reference (segment_anything's generator)",
+    "selection.strategy": "top1_iou, iop_threshold, top1_iou_iop_threshold, topk_iou_iop_threshold",
+    "selection.iop_threshold": "IoP threshold in [0, 1]",
+    "selection.top_k": "k of the topk_iou_iop_threshold strategy",
+    "lora.r": "LoRA rank (must match the trained adapter)",
+    "lora.alpha": "LoRA alpha (must match the trained adapter)",
+    "lora.dropout": "LoRA dropout (training only)",
+    "lora.target_modules": "modules the LoRA adapter wraps (must match the trained adapter)",
+}
+
+
+def _config_parameter_name(path: tuple[str, ...]) -> str:
+    if len(path) == 1 and path[0] in MODEL_FIELDS:
+        return f"models.{path[0]}"
+    return ".".join(path)
+
+
+def _to_parameter(value: Any) -> ParameterValue:
+    if value is None:
+        return ""
+    if isinstance(value, (tuple, list)):
+        return [str(v) for v in value]
+    if isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"cannot express {type(value).__name__} {value!r} as a ROS parameter")
+
+
+def config_to_parameters(config: SegmenterConfig) -> dict[str, ParameterValue]:
+    """Every config field as a flat ROS parameter (``models.*``, ``proposals.*``, ...)."""
+    out: dict[str, ParameterValue] = {}
+    for fld in dataclasses.fields(config):
+        if fld.name in SKIPPED_CONFIG_FIELDS:
+            continue
+        value = getattr(config, fld.name)
+        if dataclasses.is_dataclass(value):
+            for sub in dataclasses.fields(value):
+                out[_config_parameter_name((fld.name, sub.name))] = _to_parameter(getattr(value, sub.name))
+        else:
+            out[_config_parameter_name((fld.name,))] = _to_parameter(value)
+    return out
+
+
+def settings_to_parameters(settings: NodeSettings) -> dict[str, ParameterValue]:
+    return {
+        NODE_PARAMETERS[f.name]: _to_parameter(getattr(settings, f.name))
+        for f in dataclasses.fields(settings)
+    }
+
+
+def default_parameters() -> dict[str, ParameterValue]:
+    """Every parameter of the node with its default value (settings first, then the config's)."""
+    return {**settings_to_parameters(NodeSettings()), **config_to_parameters(SegmenterConfig())}
+
+
+def _from_parameter(name: str, value: Any, default: Any, optional: bool) -> Any:
+    if optional and value == "":
+        return None
+    reference = default
+    if reference is None:
+        reference = ""
+    if isinstance(reference, bool):
+        if not isinstance(value, bool):
+            raise ValueError(f"parameter {name} must be a bool, got {value!r}")
+        return value
+    if isinstance(reference, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"parameter {name} must be an integer, got {value!r}")
+        return value
+    if isinstance(reference, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"parameter {name} must be a number, got {value!r}")
+        return float(value)
+    if isinstance(reference, str):
+        if not isinstance(value, str):
+            raise ValueError(f"parameter {name} must be a string, got {value!r}")
+        return value
+    if isinstance(reference, (tuple, list)):
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise ValueError(f"parameter {name} must be a list of strings, got {value!r}")
+        return tuple(value)
+    raise TypeError(f"parameter {name}: unsupported default type {type(reference).__name__}")
+
+
+def parameters_to_config(values: Mapping[str, Any], base: SegmenterConfig | None = None) -> SegmenterConfig:
+    """The config described by flat parameters; names absent from ``values`` keep ``base``'s value.
+
+    Raises:
+        ValueError: a value of the wrong type, or one the config rejects (its message
+            names the field).
+    """
+    base = base or SegmenterConfig()
+    changes: dict[str, Any] = {}
+    for fld in dataclasses.fields(base):
+        if fld.name in SKIPPED_CONFIG_FIELDS:
+            continue
+        current = getattr(base, fld.name)
+        if dataclasses.is_dataclass(current) and not isinstance(current, type):
+            sub_changes: dict[str, Any] = {}
+            for sub in dataclasses.fields(current):
+                name = _config_parameter_name((fld.name, sub.name))
+                if name in values:
+                    optional = "None" in str(sub.type)
+                    sub_changes[sub.name] = _from_parameter(
+                        name, values[name], getattr(current, sub.name), optional
+                    )
+            if sub_changes:
+                changes[fld.name] = dataclasses.replace(current, **sub_changes)
+        else:
+            name = _config_parameter_name((fld.name,))
+            if name in values:
+                changes[fld.name] = _from_parameter(name, values[name], current, "None" in str(fld.type))
+    return dataclasses.replace(base, **changes) if changes else base
+
+
+def parameters_to_settings(values: Mapping[str, Any]) -> NodeSettings:
+    """The node settings described by flat parameters (absent names keep their defaults)."""
+    defaults = NodeSettings()
+    kwargs: dict[str, Any] = {}
+    for fld in dataclasses.fields(defaults):
+        name = NODE_PARAMETERS[fld.name]
+        if name in values:
+            kwargs[fld.name] = _from_parameter(name, values[name], getattr(defaults, fld.name), False)
+    return NodeSettings(**kwargs)
+
+
+def split_parameters(values: Mapping[str, Any]) -> tuple[SegmenterConfig, NodeSettings]:
+    """(config, settings) from every parameter of the node.
+
+    Raises:
+        ValueError: an unknown parameter name (a typo in the parameters file would
+            otherwise be silently ignored) or an invalid value.
+    """
+    known = set(default_parameters())
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown parameter(s) {unknown}; known parameters are {sorted(known)}")
+    return parameters_to_config(values), parameters_to_settings(values)
+
+
+def handler_settings(
+    config: SegmenterConfig, settings: NodeSettings, image_topic: str = "image"
+) -> HandlerSettings:
+    """The request handler's limits from the config and the node settings."""
+    return HandlerSettings(
+        max_instruction_chars=config.max_instruction_chars,
+        request_timeout_s=settings.request_timeout,
+        stamp_tolerance_s=settings.stamp_tolerance,
+        image_topic=image_topic,
+    )
+
+
+def parameter_table_markdown() -> str:
+    """A Markdown table of every parameter: name, default, description."""
+    lines = ["| parameter | default | description |", "|---|---|---|"]
+    for name, value in default_parameters().items():
+        shown = f"`{value!r}`" if not isinstance(value, list) else f"`{value}`"
+        lines.append(f"| `{name}` | {shown} | {DESCRIPTIONS.get(name, '')} |")
+    return "\n".join(lines)
+
+
+_YAML_HEADER = """\
+# Parameters of the llmseg_ros perception node (llmseg_ros/node.py).
+#
+# Every parameter the node declares is listed here with its default value; ROS 2 flattens
+# the nesting into dotted names (qos.reliability, models.sam_checkpoint, ...).
+# - Keep the types: write floats with a decimal point (1.0, not 1); "" means "none".
+# - Parameters are read on the lifecycle 'configure' transition: after changing one, run
+#   deactivate, cleanup, configure, activate (or restart the node).
+# - perception.launch.py passes its arguments device, weights_dir, use_depth and profile
+#   after this file, so those four are set on the launch command line.
+# Generated by llmseg_ros.ros.params.parameters_yaml(); a test keeps it in sync.
+/**:
+  ros__parameters:
+"""
+
+
+def _yaml_value(value: ParameterValue) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return "[" + ", ".join(json.dumps(v) for v in value) + "]"
+    if isinstance(value, str):
+        return json.dumps(value)
+    return repr(value)
+
+
+def parameters_yaml() -> str:
+    """``config/perception.yaml``: every parameter with its default and description, nested by prefix."""
+    groups: dict[str, list[tuple[str, ParameterValue]]] = {}
+    for name, value in default_parameters().items():
+        prefix, _, key = name.rpartition(".")
+        groups.setdefault(prefix, []).append((key, value))
+    lines = [_YAML_HEADER.rstrip("\n")]
+    for prefix, items in groups.items():
+        indent = "    "
+        if prefix:
+            lines += ["", f"    {prefix}:"]
+            indent = "      "
+        for key, value in items:
+            name = f"{prefix}.{key}" if prefix else key
+            lines += [f"{indent}# {DESCRIPTIONS.get(name, '')}", f"{indent}{key}: {_yaml_value(value)}"]
+    return "\n".join(lines) + "\n"

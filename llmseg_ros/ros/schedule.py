@@ -1,0 +1,182 @@
+"""Which instruction applies to which frame of a recording (``llmseg replay-bag``).
+
+The instructions file (YAML or JSON)::
+
+    instruction: "where can I put the dirty dishes?"   # for every frame (or every N-th)
+    every_n: 5                     # optional: every 5th colour frame, starting with the first
+    at:                            # optional: instructions at given header stamps
+      - stamp: 1700000000.25       #   seconds (number, or "sec.nanosec" string) ...
+        instruction: "the red mug"
+      - stamp_ns: 1700000001000000000   # ... or integer nanoseconds
+        instruction: "a cup"
+    tolerance: 0.02                # seconds between an `at` stamp and its nearest frame
+    selection: {strategy: iop_threshold, iop_threshold: 0.5}   # optional override
+    explain: false                 # optional: also generate the VLM's answer
+
+An ``at`` entry applies to the colour frame whose header stamp is nearest, within the
+tolerance, and wins over ``instruction`` on that frame.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llmseg_ros.config import SELECTION_STRATEGIES
+from llmseg_ros.ros.frames import NS_PER_S
+
+
+@dataclass
+class TimedInstruction:
+    """An instruction for the colour frame whose header stamp is nearest to ``stamp_ns``."""
+
+    stamp_ns: int
+    instruction: str
+
+
+@dataclass
+class ReplaySchedule:
+    """Which instruction applies to which colour frame.
+
+    Attributes:
+        instruction: applied to every ``every_n``-th colour frame (indices 0, N, 2N, ...);
+            ``None`` = only the ``at`` entries.
+        every_n: period of ``instruction`` in colour frames (1 = every frame).
+        at: instructions at given header stamps (they win over ``instruction``).
+        tolerance_ns: how far an ``at`` stamp may be from its nearest frame.
+        selection_strategy: strategy override ("" = the config's).
+        iop_threshold: threshold override (negative = the config's).
+        explain: also generate the VLM's text answer.
+    """
+
+    instruction: str | None = None
+    every_n: int = 1
+    at: list[TimedInstruction] = field(default_factory=list)
+    tolerance_ns: int = 20_000_000
+    selection_strategy: str = ""
+    iop_threshold: float = -1.0
+    explain: bool = False
+
+    KEYS = ("instruction", "every_n", "at", "tolerance", "selection", "explain")
+
+    def __post_init__(self) -> None:
+        if self.instruction is not None and (
+            not isinstance(self.instruction, str) or not self.instruction.strip()
+        ):
+            raise ValueError(f"instruction must be a non-empty string, got {self.instruction!r}")
+        if self.instruction is None and not self.at:
+            raise ValueError(
+                "the instructions file must give `instruction` (per frame / every_n) and/or `at` entries"
+            )
+        if isinstance(self.every_n, bool) or not isinstance(self.every_n, int) or self.every_n < 1:
+            raise ValueError(f"every_n must be an integer >= 1, got {self.every_n!r}")
+        if self.tolerance_ns < 0:
+            raise ValueError(f"tolerance must be >= 0 seconds, got {self.tolerance_ns / NS_PER_S}")
+        if self.selection_strategy and self.selection_strategy not in SELECTION_STRATEGIES:
+            raise ValueError(
+                f"selection.strategy must be one of {list(SELECTION_STRATEGIES)}, got {self.selection_strategy!r}"
+            )
+        if self.iop_threshold > 1.0:
+            raise ValueError(f"selection.iop_threshold must be in [0, 1], got {self.iop_threshold}")
+
+    @classmethod
+    def from_mapping(cls, data: Any) -> ReplaySchedule:
+        """Build from the parsed instructions file; ``ValueError`` names any bad key or value."""
+        if not isinstance(data, dict):
+            raise ValueError(f"the instructions file must hold a mapping, got {type(data).__name__}")
+        unknown = sorted(set(data) - set(cls.KEYS))
+        if unknown:
+            raise ValueError(
+                f"unknown key(s) {unknown} in the instructions file; expected some of {list(cls.KEYS)}"
+            )
+        at = [_timed_instruction(i, entry) for i, entry in enumerate(data.get("at") or [])]
+        tolerance = data.get("tolerance", 0.02)
+        if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)):
+            raise ValueError(f"tolerance must be a number of seconds, got {tolerance!r}")
+        selection = data.get("selection") or {}
+        if not isinstance(selection, dict) or set(selection) - {"strategy", "iop_threshold"}:
+            raise ValueError(
+                f"selection must be a mapping with strategy and/or iop_threshold, got {selection!r}"
+            )
+        explain = data.get("explain", False)
+        if not isinstance(explain, bool):
+            raise ValueError(f"explain must be true or false, got {explain!r}")
+        return cls(
+            instruction=data.get("instruction"),
+            every_n=data.get("every_n", 1),
+            at=at,
+            tolerance_ns=round(float(tolerance) * NS_PER_S),
+            selection_strategy=str(selection.get("strategy", "")),
+            iop_threshold=float(selection.get("iop_threshold", -1.0)),
+            explain=explain,
+        )
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> ReplaySchedule:
+        """Read a ``.json`` file as JSON, anything else as YAML."""
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ValueError(f"cannot read the instructions file {path}: {exc}") from exc
+        import yaml
+
+        try:
+            data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+        except (json.JSONDecodeError, yaml.YAMLError) as exc:
+            raise ValueError(f"cannot parse the instructions file {path}: {exc}") from exc
+        return cls.from_mapping(data)
+
+    def plan(self, stamps: list[int]) -> tuple[dict[int, str], list[TimedInstruction]]:
+        """Instruction per colour-frame index for frames with header ``stamps`` (bag order).
+
+        Returns:
+            ({frame index: instruction}, ``at`` entries with no frame within the tolerance).
+        """
+        plan: dict[int, str] = {}
+        if self.instruction is not None:
+            for i in range(0, len(stamps), self.every_n):
+                plan[i] = self.instruction.strip()
+        order = sorted(range(len(stamps)), key=lambda i: stamps[i])
+        sorted_stamps = [stamps[i] for i in order]
+        unmatched: list[TimedInstruction] = []
+        for entry in self.at:
+            j = bisect.bisect_left(sorted_stamps, entry.stamp_ns)
+            near = [k for k in (j - 1, j) if 0 <= k < len(sorted_stamps)]
+            best = min(near, key=lambda k: abs(sorted_stamps[k] - entry.stamp_ns)) if near else None
+            if best is None or abs(sorted_stamps[best] - entry.stamp_ns) > self.tolerance_ns:
+                unmatched.append(entry)
+                continue
+            plan[order[best]] = entry.instruction.strip()
+        return plan, unmatched
+
+
+def _timed_instruction(index: int, entry: Any) -> TimedInstruction:
+    where = f"at[{index}]"
+    if not isinstance(entry, dict) or set(entry) - {"stamp", "stamp_ns", "instruction"}:
+        raise ValueError(f"{where} must be a mapping with stamp (or stamp_ns) and instruction, got {entry!r}")
+    instruction = entry.get("instruction")
+    if not isinstance(instruction, str) or not instruction.strip():
+        raise ValueError(f"{where}.instruction must be a non-empty string, got {instruction!r}")
+    if ("stamp" in entry) == ("stamp_ns" in entry):
+        raise ValueError(f"{where} needs exactly one of stamp (seconds) or stamp_ns (integer nanoseconds)")
+    if "stamp_ns" in entry:
+        value = entry["stamp_ns"]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{where}.stamp_ns must be a non-negative integer, got {value!r}")
+        return TimedInstruction(value, instruction)
+    return TimedInstruction(_seconds_to_ns(where, entry["stamp"]), instruction)
+
+
+def _seconds_to_ns(where: str, value: Any) -> int:
+    if isinstance(value, str):
+        sec, _, frac = value.strip().partition(".")
+        if not sec.isdigit() or (frac and not frac.isdigit()) or len(frac) > 9:
+            raise ValueError(f"{where}.stamp string must look like 'sec.nanosec', got {value!r}")
+        return int(sec) * NS_PER_S + int(frac.ljust(9, "0") or 0)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise ValueError(f"{where}.stamp must be non-negative seconds, got {value!r}")
+    return round(float(value) * NS_PER_S) if isinstance(value, float) else int(value) * NS_PER_S
