@@ -34,9 +34,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from llmseg_ros.config import SegmenterConfig  # noqa: E402
-from llmseg_ros.imageio import read_rgb  # noqa: E402
-from llmseg_ros.pipeline import ReasonSegmenter  # noqa: E402
+from llmseg_ros.config import SegmenterConfig
+from llmseg_ros.imageio import read_rgb
+from llmseg_ros.pipeline import ReasonSegmenter
 
 DEMO = Path(__file__).resolve().parents[1] / "llmseg_ros" / "assets" / "kitchen.jpg"
 INSTRUCTIONS = [
@@ -102,7 +102,7 @@ def run(config: SegmenterConfig, image_path: Path, repeats: int) -> dict[str, An
         first.append({**frame.timings, **result.timings, "total": prepare_s + result.timings["total"]})
         for instruction in INSTRUCTIONS[1:]:
             further.append(seg.segment(frame, instruction).timings)
-    out = {
+    out: dict[str, Any] = {
         "method": config.method,
         "profile": config.profile,
         "image": image_path.name,
@@ -123,7 +123,9 @@ def run(config: SegmenterConfig, image_path: Path, repeats: int) -> dict[str, An
 
 
 def to_markdown(res: dict[str, Any]) -> str:
-    stages = sorted(set(res["first"]) | set(res["further"]) | set(res["reference"]), key=lambda s: s == "total")
+    stages = sorted(
+        set(res["first"]) | set(res["further"]) | set(res["reference"]), key=lambda s: s == "total"
+    )
     lines = [
         f"### Pipeline latency — method `{res['method']}`, profile `{res['profile']}`",
         "",
@@ -160,7 +162,9 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", type=Path, help="SegmenterConfig JSON/YAML (real weights)")
     parser.add_argument("--method", default="llmseg", help="method for the tiny profile")
     parser.add_argument("--tiny-dir", type=Path, help="where the tiny profile is cached")

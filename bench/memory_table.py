@@ -47,7 +47,9 @@ def sam_vit_h() -> nn.Module:
 def dinov2_large() -> nn.Module:
     from transformers import Dinov2Config, Dinov2Model
 
-    cfg = Dinov2Config(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, image_size=518, patch_size=14)
+    cfg = Dinov2Config(
+        hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, image_size=518, patch_size=14
+    )
     with torch.device("meta"):
         return Dinov2Model(cfg)
 
@@ -181,7 +183,9 @@ def to_markdown(res: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))

@@ -117,7 +117,9 @@ def _print_result(result: Any, as_json: bool) -> None:
         )
         return
     print(f"method: {result.method}   proposals: {result.num_proposals}   selected: {result.selected}")
-    print(f"mask pixels: {int(result.mask.sum())} of {result.mask.size}   confidence: {result.confidence:.3f}")
+    print(
+        f"mask pixels: {int(result.mask.sum())} of {result.mask.size}   confidence: {result.confidence:.3f}"
+    )
     if result.answer is not None:
         print(f"answer: {result.answer}")
     print("timings (s):")
@@ -173,7 +175,9 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     from llmseg_ros.fetch import FetchError, FetchPlan, fetch_all
 
     hub = tuple(m for m in (args.dinov2, args.vlm) if m)
-    plan = FetchPlan(directory=args.dir, sam_model_type=None if args.no_sam else args.sam_model_type, hub_models=hub)
+    plan = FetchPlan(
+        directory=args.dir, sam_model_type=None if args.no_sam else args.sam_model_type, hub_models=hub
+    )
     try:
         paths = fetch_all(plan)
     except FetchError as exc:
@@ -216,14 +220,11 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("--vlm", default="llava-hf/llava-1.5-7b-hf", help="VLM hub id ('' to skip)")
     fetch.set_defaults(func=cmd_fetch)
 
-    try:
-        from llmseg_ros.cli_replay import add_replay_arguments, run_replay
-    except ImportError:  # pragma: no cover - cli_replay ships with the package
-        pass
-    else:
-        replay = sub.add_parser("replay-bag", help="run the pipeline over a rosbag2 and write a new bag")
-        add_replay_arguments(replay)
-        replay.set_defaults(func=run_replay)
+    from llmseg_ros.cli_replay import add_replay_arguments, run_replay
+
+    replay = sub.add_parser("replay-bag", help="run the pipeline over a rosbag2 and write a new bag")
+    add_replay_arguments(replay)
+    replay.set_defaults(func=run_replay)
     return parser
 
 

@@ -12,7 +12,7 @@ import gc
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import torch
 
@@ -105,7 +105,7 @@ class Components:
         with self._lock:
             if name not in self._models:
                 self._models[name] = factory()
-            return self._models[name]  # type: ignore[no-any-return]
+            return cast(T, self._models[name])
 
     @property
     def loaded(self) -> list[str]:
@@ -177,7 +177,10 @@ class Components:
             from llmseg_ros.chat_vlm import ChatVLM
 
             return ChatVLM.load(
-                self.config.vlm, device=self.device, dtype=self.dtype, quantization=self.config.vlm_quantization
+                self.config.vlm,
+                device=self.device,
+                dtype=self.dtype,
+                quantization=self.config.vlm_quantization,
             )
 
         return self._get("chat_vlm", build)

@@ -151,7 +151,11 @@ class SegmenterConfig:
             raise ValueError(f"embed_size must be a positive multiple of 14, got {self.embed_size}")
         if self.max_instruction_chars < 1:
             raise ValueError(f"max_instruction_chars must be >= 1, got {self.max_instruction_chars}")
-        for name, cls in (("proposals", ProposalConfig), ("selection", SelectionConfig), ("lora", LoraSettings)):
+        for name, cls in (
+            ("proposals", ProposalConfig),
+            ("selection", SelectionConfig),
+            ("lora", LoraSettings),
+        ):
             value = getattr(self, name)
             if isinstance(value, dict):
                 setattr(self, name, cls(**value))

@@ -16,6 +16,7 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
 
@@ -47,7 +48,9 @@ class FetchPlan:
 
     def __post_init__(self) -> None:
         if self.sam_model_type is not None and self.sam_model_type not in SAM_FILES:
-            raise ValueError(f"sam_model_type must be one of {sorted(SAM_FILES)}, got {self.sam_model_type!r}")
+            raise ValueError(
+                f"sam_model_type must be one of {sorted(SAM_FILES)}, got {self.sam_model_type!r}"
+            )
 
 
 def sam_checkpoint_path(directory: Path, model_type: str) -> Path:
@@ -64,7 +67,7 @@ def download_url(
     dest: Path,
     *,
     expected_md5_prefix: str | None = None,
-    opener: Callable[..., object] | None = None,
+    opener: Callable[..., Any] | None = None,
 ) -> Path:
     """Download ``url`` to ``dest`` with a progress bar; atomic; optional MD5-prefix check.
 
@@ -82,7 +85,7 @@ def download_url(
                 f"cannot download {url} ({exc}). This machine seems to be offline or the URL is blocked: "
                 f"download the file on a connected machine and copy it to {dest}"
             ) from exc
-        with response as src, os.fdopen(fd, "wb") as out:  # type: ignore[attr-defined]
+        with response as src, os.fdopen(fd, "wb") as out:
             total = int(src.headers.get("Content-Length") or 0) or None
             with tqdm(total=total, unit="B", unit_scale=True, desc=dest.name) as bar:
                 while chunk := src.read(1 << 20):

@@ -79,7 +79,9 @@ class WeightsManifest:
         if data.get("format") != FORMAT:
             raise ValueError(f"{source}: 'format' must be {FORMAT!r}, got {data.get('format')!r}")
         if data.get("version") != FORMAT_VERSION:
-            raise ValueError(f"{source}: unsupported version {data.get('version')!r}; expected {FORMAT_VERSION}")
+            raise ValueError(
+                f"{source}: unsupported version {data.get('version')!r}; expected {FORMAT_VERSION}"
+            )
         fields = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in fields})
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import urllib.error
 from pathlib import Path
+from typing import ClassVar
 
 import cv2
 import numpy as np
@@ -94,7 +95,9 @@ def test_defaults_without_weights_fail_clearly(tmp_path, capsys) -> None:
 def test_unreadable_image(tmp_path, capsys, content: bytes) -> None:
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(content)
-    code = cli.main(["segment", "--profile", "tiny", "--image", str(bad), "--instruction", "x", "--out", "m.png"])
+    code = cli.main(
+        ["segment", "--profile", "tiny", "--image", str(bad), "--instruction", "x", "--out", "m.png"]
+    )
     assert code == cli.EXIT_USAGE
     assert f"image {bad} could not be decoded" in capsys.readouterr().err
 
@@ -125,13 +128,17 @@ def test_download_checks_the_md5_tag(tmp_path) -> None:
     payload = b"checkpoint bytes"
 
     class Response(io.BytesIO):
-        headers = {"Content-Length": str(len(payload))}
+        headers: ClassVar[dict[str, str]] = {"Content-Length": str(len(payload))}
 
     tag = hashlib.md5(payload, usedforsecurity=False).hexdigest()[:6]
-    got = fetch.download_url("u", tmp_path / "a.pth", expected_md5_prefix=tag, opener=lambda *a, **k: Response(payload))
+    got = fetch.download_url(
+        "u", tmp_path / "a.pth", expected_md5_prefix=tag, opener=lambda *a, **k: Response(payload)
+    )
     assert got.read_bytes() == payload
     with pytest.raises(fetch.FetchError, match="checksum mismatch"):
-        fetch.download_url("u", tmp_path / "b.pth", expected_md5_prefix="000000", opener=lambda *a, **k: Response(payload))
+        fetch.download_url(
+            "u", tmp_path / "b.pth", expected_md5_prefix="000000", opener=lambda *a, **k: Response(payload)
+        )
     assert not (tmp_path / "b.pth").exists()
     assert fetch.md5_tag("sam_vit_h_4b8939.pth") == "4b8939"
 

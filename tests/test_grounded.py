@@ -100,5 +100,5 @@ def test_tiny_detector_loads_and_detects(tmp_path) -> None:
 
 
 def test_detector_missing_directory(tmp_path) -> None:
-    with pytest.raises(FileNotFoundError, match="detector directory .* not found"):
+    with pytest.raises(FileNotFoundError, match=r"detector directory .* not found"):
         GroundingDetector.load(str(tmp_path / "absent"), device=torch.device("cpu"))

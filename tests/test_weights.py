@@ -70,7 +70,7 @@ def test_bad_manifest(tmp_path) -> None:
     data = json.loads(path.read_text())
     data["format"] = "something"
     path.write_text(json.dumps(data))
-    with pytest.raises(ValueError, match="'format' must be 'llmseg_ros.weights'"):
+    with pytest.raises(ValueError, match=r"'format' must be 'llmseg_ros\.weights'"):
         load_weights(tmp_path / "w")
     with pytest.raises(ValueError, match="method must be 'llmseg' or 'lisa'"):
         WeightsManifest(method="x", base_vlm="t", hidden_size=8)

@@ -94,7 +94,9 @@ class GroundingDetector:
         self.device = device
 
     @classmethod
-    def load(cls, model: str, *, device: torch.device, dtype: torch.dtype = torch.float32) -> GroundingDetector:
+    def load(
+        cls, model: str, *, device: torch.device, dtype: torch.dtype = torch.float32
+    ) -> GroundingDetector:
         from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
 
         local = Path(model).expanduser()
@@ -140,7 +142,9 @@ class GroundingDetector:
         boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, w)
         boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, h)
         labels = result.get("text_labels", result.get("labels", []))
-        return Detections(boxes.astype(np.float32), result["scores"].float().cpu().numpy(), [str(x) for x in labels])
+        return Detections(
+            boxes.astype(np.float32), result["scores"].float().cpu().numpy(), [str(x) for x in labels]
+        )
 
 
 def boxes_to_mask(sam: Sam, encoding: Any, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -54,7 +54,9 @@ class LisaMaskHead(nn.Module):
     def sam(self) -> Sam:
         return self._sam[0]
 
-    def forward(self, encoding: SamImageEncoding, seg_hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, encoding: SamImageEncoding, seg_hidden: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Mask logits for one frame.
 
         Args:

@@ -42,7 +42,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def selection_confidence(similarity: np.ndarray, iop: np.ndarray, selected: list[int], strategy: str) -> float:
+def selection_confidence(
+    similarity: np.ndarray, iop: np.ndarray, selected: list[int], strategy: str
+) -> float:
     """Confidence of a selection in [0, 1] (see the module docstring)."""
     if len(iop) == 0:
         return 0.0

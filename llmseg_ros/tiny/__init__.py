@@ -12,6 +12,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -50,18 +51,27 @@ def _build_trained_weights(directory: Path, seed: int) -> None:
     lora = LoraSettings()
     llava_dir, dinov2_dir = directory / "llava", directory / "dinov2"
     vlm = SegVLM.load(str(llava_dir), device=cpu, dtype=torch.float32, lora=lora, trainable=True)
-    common = {
+    common: dict[str, Any] = {
         "base_vlm": str(llava_dir),
         "hidden_size": vlm.hidden_size,
         "sam_model_type": "tiny",
-        "lora": {"r": lora.r, "alpha": lora.alpha, "dropout": lora.dropout, "target_modules": list(lora.target_modules)},
+        "lora": {
+            "r": lora.r,
+            "alpha": lora.alpha,
+            "dropout": lora.dropout,
+            "target_modules": list(lora.target_modules),
+        },
         "extra": {"profile": "tiny", "seed": seed, "note": "random weights, not trained"},
     }
     embedder = MaskEmbedder.load(str(dinov2_dir), device=cpu, dtype=torch.float32, input_size=TINY_EMBED_SIZE)
     save_weights(
         directory / "weights",
         WeightsManifest(method="llmseg", dinov2=str(dinov2_dir), embed_size=TINY_EMBED_SIZE, **common),
-        {"projection": TextProjection(vlm.hidden_size), "selector": ProposalSelector(), "mask_proj": embedder.proj},
+        {
+            "projection": TextProjection(vlm.hidden_size),
+            "selector": ProposalSelector(),
+            "mask_proj": embedder.proj,
+        },
         vlm=vlm,
     )
     head = LisaMaskHead(build_sam("tiny", directory / "sam_tiny.pth", cpu), vlm.hidden_size)
