@@ -25,7 +25,6 @@ import platform
 import resource
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from llmseg_ros.atomic import atomic_write_text
 from llmseg_ros.config import SegmenterConfig
 from llmseg_ros.imageio import read_rgb
 from llmseg_ros.pipeline import ReasonSegmenter
@@ -153,14 +153,6 @@ def to_markdown(res: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -184,8 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     md = to_markdown(result)
     print(md)
     stem = f"pipeline_{config.method}_{config.profile}"
-    write_atomic(args.out / f"{stem}.json", json.dumps(result, indent=2) + "\n")
-    write_atomic(args.out / f"{stem}.md", md)
+    atomic_write_text(args.out / f"{stem}.json", json.dumps(result, indent=2) + "\n")
+    atomic_write_text(args.out / f"{stem}.md", md)
     print(f"written: {args.out / (stem + '.json')}, {args.out / (stem + '.md')}")
     return 0
 

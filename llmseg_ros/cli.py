@@ -96,6 +96,25 @@ def config_from_args(args: argparse.Namespace, log: Any = print) -> SegmenterCon
     return config.replace(**changes) if changes else config
 
 
+def report_missing_inputs(config: SegmenterConfig, command: str) -> bool:
+    """Print the model files ``config`` needs but cannot find to stderr (for ``llmseg <command>``).
+
+    Returns:
+        True when something is missing (the command should exit with ``EXIT_MISSING_WEIGHTS``).
+    """
+    from llmseg_ros.components import missing_inputs
+
+    missing = missing_inputs(config)
+    if missing:
+        print("error: cannot run: model files are missing:", file=sys.stderr)
+        for line in missing:
+            print(f"  - {line}", file=sys.stderr)
+        print(
+            f"Run `llmseg {command} --profile tiny ...` to see the pipeline without weights.", file=sys.stderr
+        )
+    return bool(missing)
+
+
 def _print_result(result: Any, as_json: bool) -> None:
     timings = {k: round(v, 4) for k, v in result.timings.items()}
     if as_json:
@@ -128,7 +147,6 @@ def _print_result(result: Any, as_json: bool) -> None:
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
-    from llmseg_ros.components import missing_inputs
     from llmseg_ros.imageio import mask_to_mono8, read_rgb, render_overlay, write_image_atomic
 
     try:
@@ -137,12 +155,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    missing = missing_inputs(config)
-    if missing:
-        print("error: cannot run: model files are missing:", file=sys.stderr)
-        for line in missing:
-            print(f"  - {line}", file=sys.stderr)
-        print("Run `llmseg segment --profile tiny ...` to see the pipeline without weights.", file=sys.stderr)
+    if report_missing_inputs(config, "segment"):
         return EXIT_MISSING_WEIGHTS
     from llmseg_ros.pipeline import ReasonSegmenter
 
@@ -190,10 +203,9 @@ def cmd_fetch(args: argparse.Namespace) -> int:
         config["dinov2"] = str(paths[args.dinov2])
     if args.vlm in paths:
         config["vlm"] = str(paths[args.vlm])
-    out = args.dir / "llmseg_config.json"
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, out)
+    from llmseg_ros.atomic import atomic_write_text
+
+    out = atomic_write_text(args.dir / "llmseg_config.json", json.dumps(config, indent=2) + "\n")
     print(f"done; use `llmseg segment --config {out} --weights YOUR_TRAINED_WEIGHTS ...`")
     return EXIT_OK
 

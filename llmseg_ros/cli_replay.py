@@ -23,6 +23,7 @@ from llmseg_ros.cli import (
     TINY_BANNER,
     add_model_arguments,
     config_from_args,
+    report_missing_inputs,
 )
 
 
@@ -76,16 +77,7 @@ def run_replay(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    from llmseg_ros.components import missing_inputs
-
-    missing = missing_inputs(config)
-    if missing:
-        print("error: cannot run: model files are missing:", file=sys.stderr)
-        for line in missing:
-            print(f"  - {line}", file=sys.stderr)
-        print(
-            "Run `llmseg replay-bag --profile tiny ...` to see the pipeline without weights.", file=sys.stderr
-        )
+    if report_missing_inputs(config, "replay-bag"):
         return EXIT_MISSING_WEIGHTS
     from llmseg_ros.pipeline import ReasonSegmenter
 

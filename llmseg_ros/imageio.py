@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import cv2
 import numpy as np
+
+from llmseg_ros.atomic import atomic_write_bytes
 
 OVERLAY_COLOUR_RGB = (255, 64, 32)
 
@@ -52,17 +52,7 @@ def write_image_atomic(path: str | Path, image: np.ndarray, *, rgb: bool = True)
     ok, buf = cv2.imencode(ext, out)
     if not ok:
         raise ValueError(f"cannot encode an image of shape {image.shape} as {ext!r} for {path}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(buf.tobytes())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write_bytes(path, buf.tobytes())
 
 
 def mask_to_mono8(mask: np.ndarray) -> np.ndarray:

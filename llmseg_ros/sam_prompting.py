@@ -3,7 +3,8 @@
 Unlike ``segment_anything.SamPredictor``, the encoding is a value, not predictor state,
 so one SAM serves many frames and threads at once. Pre- and post-processing are
 segment-anything's own (``ResizeLongestSide``, ``Sam.preprocess``,
-``Sam.postprocess_masks``).
+``Sam.postprocess_masks``), and prompts reach the prompt encoder as float32 tensors as in
+``SamPredictor.predict``, so for an RGB SAM the masks and scores are the predictor's.
 """
 
 from __future__ import annotations
@@ -77,14 +78,18 @@ def decode_masks(
     box_t = point_t = None
     if boxes is not None:
         boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
-        box_t = torch.as_tensor(transform.apply_boxes(boxes, encoding.original_size), device=device)
+        box_t = torch.as_tensor(
+            transform.apply_boxes(boxes, encoding.original_size), dtype=torch.float, device=device
+        )
     if points is not None:
         if point_labels is None:
             raise ValueError("point_labels must be given with points")
         pts = np.asarray(points, dtype=np.float32)
         if pts.ndim != 3 or pts.shape[-1] != 2:
             raise ValueError(f"points must be (N, P, 2), got shape {pts.shape}")
-        coords = torch.as_tensor(transform.apply_coords(pts, encoding.original_size), device=device)
+        coords = torch.as_tensor(
+            transform.apply_coords(pts, encoding.original_size), dtype=torch.float, device=device
+        )
         point_t = (coords, torch.as_tensor(np.asarray(point_labels), device=device, dtype=torch.int))
     sparse, dense = sam.prompt_encoder(points=point_t, boxes=box_t, masks=None)
     if extra_sparse is not None:

@@ -27,8 +27,6 @@ import copy
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from llmseg_ros.atomic import atomic_directory
 from llmseg_ros.config import LoraSettings
 from llmseg_ros.prompts import DEFAULT_ANSWER, SEG_TOKEN, format_instruction
 
@@ -351,10 +350,7 @@ class SegVLM:
         """
         if not hasattr(self.model, "peft_config"):
             raise RuntimeError("no adapter to save: load the VLM with trainable=True or an adapter_dir")
-        directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-        try:
+        with atomic_directory(directory) as tmp:
             self.model.save_pretrained(str(tmp), save_embedding_layers=False)
             meta = {
                 "seg_token": SEG_TOKEN,
@@ -366,18 +362,6 @@ class SegVLM:
             (tmp / ADAPTER_META_NAME).write_text(
                 json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8"
             )
-            if directory.exists():
-                old = directory.with_name(f".{directory.name}.old")
-                if old.exists():
-                    shutil.rmtree(old)
-                os.replace(directory, old)
-                os.replace(tmp, directory)
-                shutil.rmtree(old)
-            else:
-                os.replace(tmp, directory)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
 
     # -- conversation text -------------------------------------------------------------
     def _render(self, turns: list[tuple[str, str]], user_text: str, answer: str | None) -> str:

@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+
+from llmseg_ros.atomic import atomic_directory
 
 MANIFEST_NAME = "llmseg_weights.json"
 HEADS_NAME = "heads.safetensors"
@@ -131,9 +130,7 @@ def save_weights(
     for name in modules:
         if not name or "." in name:
             raise ValueError(f"module names must be non-empty and contain no '.', got {name!r}")
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+    with atomic_directory(directory) as tmp:
         tensors: dict[str, torch.Tensor] = {}
         for name, module in modules.items():
             for key, value in module.state_dict().items():
@@ -144,18 +141,6 @@ def save_weights(
         with open(tmp / MANIFEST_NAME, "w", encoding="utf-8") as fh:
             json.dump(manifest.to_dict(), fh, indent=2, sort_keys=True)
             fh.write("\n")
-        if directory.exists():
-            old = directory.with_name(f".{directory.name}.old")
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(directory, old)
-            os.replace(tmp, directory)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return directory
 
 

@@ -19,6 +19,7 @@ from llmseg_ros.data import (
     write_jsonl,
     write_llmseg40k,
 )
+from llmseg_ros.data.dataset import SampleDataset, read_image_and_mask
 
 
 def _image(path: Path, height: int, width: int, value: int) -> np.ndarray:
@@ -287,3 +288,44 @@ def test_sample_validates_its_fields() -> None:
         Sample(image, " ", None, np.zeros((3, 4), np.uint8), "x", "test")
     sample = Sample(image, "q", True, np.zeros((3, 4), np.uint8), "x", "test")
     assert sample.instructions == ("q",) and sample.image_size == (3, 4)
+
+
+# -- the readers' base ------------------------------------------------------------------
+class _Named:
+    def __init__(self, image_id: str) -> None:
+        self.image_id = image_id
+
+
+class _InMemory(SampleDataset[_Named]):
+    def __init__(self, ids: list[str]) -> None:
+        self.entries = [_Named(i) for i in ids]
+        self.loaded: list[str] = []
+
+    def load_entry(self, entry: _Named) -> Sample:
+        self.loaded.append(entry.image_id)
+        return Sample(
+            np.zeros((2, 2, 3), np.uint8), "q", None, np.zeros((2, 2), np.uint8), entry.image_id, "t"
+        )
+
+
+def test_sample_dataset_indexing_slicing_and_iteration() -> None:
+    dataset = _InMemory(["a", "b", "c", "d"])
+    assert len(dataset) == 4 and dataset.sample_ids == ["a", "b", "c", "d"] and dataset.loaded == []
+    assert dataset[-1].image_id == "d"
+    assert [s.image_id for s in dataset[1::2]] == ["b", "d"]
+    assert [s.image_id for s in dataset] == ["a", "b", "c", "d"]
+    with pytest.raises(IndexError):
+        dataset[4]
+    with pytest.raises(TypeError, match="abstract"):
+        SampleDataset()  # type: ignore[abstract]
+
+
+def test_read_image_and_mask_names_the_sample(tmp_path: Path) -> None:
+    image = _image(tmp_path / "i.png", 3, 4, 9)
+    got, mask = read_image_and_mask("s:1", tmp_path / "i.png", lambda: np.ones((3, 4), np.uint8))
+    np.testing.assert_array_equal(got, image)
+    assert mask.shape == (3, 4)
+    with pytest.raises(ValueError, match=r"^s:1: image .*missing\.png does not exist"):
+        read_image_and_mask("s:1", tmp_path / "missing.png", lambda: np.ones((3, 4), np.uint8))
+    with pytest.raises(ValueError, match=r"^s:2: mask shape \(2, 2\) does not match image shape \(3, 4\)"):
+        read_image_and_mask("s:2", tmp_path / "i.png", lambda: np.ones((2, 2), np.uint8))

@@ -17,6 +17,7 @@ from llmseg_ros.ros.frames import (
     HeaderData,
     format_stamp,
     frame_from_messages,
+    nearest_index,
     ns_to_sec_nanosec,
 )
 
@@ -59,6 +60,23 @@ def test_buffer_keeps_the_latest_n_in_stamp_order() -> None:
     replacement = frame(4 * S)
     buffer.add(replacement)
     assert buffer.get(4 * S) is replacement and len(buffer) == 3
+
+
+@pytest.mark.parametrize(
+    ("stamps", "stamp", "expected"),
+    [
+        ([], 5, None),
+        ([10], 0, 0),
+        ([10], 99, 0),
+        ([10, 20, 30], 14, 0),
+        ([10, 20, 30], 16, 1),
+        ([10, 20, 30], 15, 0),  # a tie goes to the earlier stamp
+        ([10, 20, 30], 20, 1),
+        ([10, 20, 30], 31, 2),
+    ],
+)
+def test_nearest_index(stamps: list[int], stamp: int, expected: int | None) -> None:
+    assert nearest_index(stamps, stamp) == expected
 
 
 def test_buffer_lookup_with_tolerance_and_clear_errors() -> None:

@@ -210,7 +210,8 @@ def test_grounding_reuses_the_frame_encoding_in_any_order(qwen_chat, tiny_sam, s
     first = method.prepare(scene)
     second = method.prepare(other)
     calls = []
-    monkeypatch.setattr(method.predictor, "set_image", lambda *a, **k: calls.append(a))
+    for module in ("llmseg_ros.methods.vlm_grounding", "llmseg_ros.sam_prompting"):
+        monkeypatch.setattr(f"{module}.encode_image", lambda *a, **k: calls.append(a))
     on_first = method.segment(first, SegmentRequest("block"))
     on_second = method.segment(second, SegmentRequest("block"))
     again = method.segment(first, SegmentRequest("block"))

@@ -20,14 +20,15 @@ and line number.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, overload
+from typing import Any
 
 import numpy as np
 
-from llmseg_ros.data.io import atomic_write_text, read_rgb, read_single_channel
+from llmseg_ros.data.dataset import SampleDataset, read_image_and_mask
+from llmseg_ros.data.io import atomic_write_text, read_single_channel
 from llmseg_ros.data.rle import decode_rle
 from llmseg_ros.data.sample import IGNORE_VALUE, Sample
 
@@ -154,43 +155,29 @@ def read_jsonl_records(path: str | Path) -> list[JsonlRecord]:
     return records
 
 
-class JsonlDataset(Sequence[Sample]):
+def _record_mask(record: JsonlRecord) -> np.ndarray:
+    if record.mask_path is not None:
+        return mask_from_png(record.mask_path)
+    assert record.rle is not None
+    return decode_rle(record.rle)
+
+
+class JsonlDataset(SampleDataset[JsonlRecord]):
     """Reader of a JSONL dataset file; samples are loaded lazily on indexing."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.records = read_jsonl_records(self.path)
-
-    def __len__(self) -> int:
-        return len(self.records)
+        self.entries = read_jsonl_records(self.path)
 
     @property
-    def sample_ids(self) -> list[str]:
-        """The ``image_id`` of every sample, in order (no pixels are read)."""
-        return [e.image_id for e in self.records]
+    def records(self) -> list[JsonlRecord]:
+        """The parsed lines, one per sample (the dataset's entries)."""
+        return self.entries
 
-    @overload
-    def __getitem__(self, index: int) -> Sample: ...
-
-    @overload
-    def __getitem__(self, index: slice) -> list[Sample]: ...
-
-    def __getitem__(self, index: int | slice) -> Sample | list[Sample]:
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
-        record = self.records[index]
-        where = f"{self.path}:{record.line}"
-        try:
-            image = read_rgb(record.image_path)
-            if record.mask_path is not None:
-                mask = mask_from_png(record.mask_path)
-            else:
-                assert record.rle is not None
-                mask = decode_rle(record.rle)
-        except (ValueError, TypeError) as exc:
-            raise ValueError(f"{where}: {exc}") from exc
-        if mask.shape != image.shape[:2]:
-            raise ValueError(f"{where}: mask shape {mask.shape} does not match image shape {image.shape[:2]}")
+    def load_entry(self, record: JsonlRecord) -> Sample:
+        image, mask = read_image_and_mask(
+            f"{self.path}:{record.line}", record.image_path, lambda: _record_mask(record)
+        )
         return Sample(
             image=image,
             instruction=record.question,
@@ -201,10 +188,6 @@ class JsonlDataset(Sequence[Sample]):
             image_path=str(record.image_path),
             answer=record.answer,
         )
-
-    def __iter__(self) -> Iterator[Sample]:
-        for i in range(len(self)):
-            yield self[i]
 
 
 def write_jsonl(path: str | Path, records: Iterable[Mapping[str, Any]]) -> Path:

@@ -17,14 +17,15 @@ id ``{image stem}_{question index}``; questions are sentences (``is_sentence`` T
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, overload
+from typing import Any
 
 import numpy as np
 
-from llmseg_ros.data.io import atomic_write_json, read_rgb, read_single_channel
+from llmseg_ros.data.dataset import SampleDataset, read_image_and_mask
+from llmseg_ros.data.io import atomic_write_json, read_single_channel
 from llmseg_ros.data.rle import decode_rle, encode_rle
 from llmseg_ros.data.sample import Sample
 
@@ -116,7 +117,14 @@ class LLMSeg40KEntry:
     mask_path: Path | None
 
 
-class LLMSeg40KDataset(Sequence[Sample]):
+def _entry_mask(entry: LLMSeg40KEntry) -> np.ndarray:
+    if entry.rle is not None:
+        return decode_rle(entry.rle)
+    assert entry.mask_path is not None
+    return (read_single_channel(entry.mask_path) > 0).astype(np.uint8)
+
+
+class LLMSeg40KDataset(SampleDataset[LLMSeg40KEntry]):
     """LLM-Seg40K split reader, one sample per question; pixels are loaded lazily.
 
     Args:
@@ -185,36 +193,9 @@ class LLMSeg40KDataset(Sequence[Sample]):
                 )
         self.entries = entries
 
-    def __len__(self) -> int:
-        return len(self.entries)
-
-    @property
-    def sample_ids(self) -> list[str]:
-        """The ``image_id`` of every sample, in order (no pixels are read)."""
-        return [e.image_id for e in self.entries]
-
-    @overload
-    def __getitem__(self, index: int) -> Sample: ...
-
-    @overload
-    def __getitem__(self, index: slice) -> list[Sample]: ...
-
-    def __getitem__(self, index: int | slice) -> Sample | list[Sample]:
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
-        entry = self.entries[index]
+    def load_entry(self, entry: LLMSeg40KEntry) -> Sample:
         where = f"{self.json_path}[{entry.image_name!r}].qa_pairs[{entry.qa_index}]"
-        try:
-            image = read_rgb(entry.image_path)
-            if entry.rle is not None:
-                mask = decode_rle(entry.rle)
-            else:
-                assert entry.mask_path is not None
-                mask = (read_single_channel(entry.mask_path) > 0).astype(np.uint8)
-        except (ValueError, TypeError) as exc:
-            raise ValueError(f"{where}: {exc}") from exc
-        if mask.shape != image.shape[:2]:
-            raise ValueError(f"{where}: mask shape {mask.shape} does not match image shape {image.shape[:2]}")
+        image, mask = read_image_and_mask(where, entry.image_path, lambda: _entry_mask(entry))
         return Sample(
             image=image,
             instruction=entry.question,
@@ -225,7 +206,3 @@ class LLMSeg40KDataset(Sequence[Sample]):
             image_path=str(entry.image_path),
             answer=entry.answer,
         )
-
-    def __iter__(self) -> Iterator[Sample]:
-        for i in range(len(self)):
-            yield self[i]

@@ -9,14 +9,15 @@ query) and ``shapes`` ([{label, points}], points as [x, y] pixels).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, overload
+from typing import Any
 
 import cv2
 import numpy as np
 
+from llmseg_ros.data.dataset import SampleDataset
 from llmseg_ros.data.io import read_rgb
 from llmseg_ros.data.sample import IGNORE_VALUE, Sample
 
@@ -140,7 +141,7 @@ class ReasonSegEntry:
     is_sentence: bool
 
 
-class ReasonSegDataset(Sequence[Sample]):
+class ReasonSegDataset(SampleDataset[ReasonSegEntry]):
     """ReasonSeg split reader; samples are loaded lazily on indexing.
 
     Args:
@@ -182,26 +183,9 @@ class ReasonSegDataset(Sequence[Sample]):
         ids = [e.image_id for e in entries]
         if len(set(ids)) != len(ids):
             raise ValueError(f"{directory}: several images share a file stem; image ids must be unique")
-        self.entries: list[ReasonSegEntry] = entries
+        self.entries = entries
 
-    def __len__(self) -> int:
-        return len(self.entries)
-
-    @property
-    def sample_ids(self) -> list[str]:
-        """The ``image_id`` of every sample, in order (no pixels are read)."""
-        return [e.image_id for e in self.entries]
-
-    @overload
-    def __getitem__(self, index: int) -> Sample: ...
-
-    @overload
-    def __getitem__(self, index: slice) -> list[Sample]: ...
-
-    def __getitem__(self, index: int | slice) -> Sample | list[Sample]:
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
-        entry = self.entries[index]
+    def load_entry(self, entry: ReasonSegEntry) -> Sample:
         image = read_rgb(entry.image_path)
         mask = mask_from_labelme(read_annotation(entry.json_path), image.shape[0], image.shape[1])
         return Sample(
@@ -214,7 +198,3 @@ class ReasonSegDataset(Sequence[Sample]):
             image_path=str(entry.image_path),
             instructions=entry.instructions,
         )
-
-    def __iter__(self) -> Iterator[Sample]:
-        for i in range(len(self)):
-            yield self[i]

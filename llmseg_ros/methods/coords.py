@@ -169,6 +169,30 @@ def input_to_image_pixels(
     return (values - offset) * scale
 
 
+def _model_to_image_pixels(
+    values: np.ndarray,
+    width: int,
+    convention: str,
+    input_size: tuple[int, int],
+    image_size: tuple[int, int],
+    content_box: tuple[float, float, float, float] | None,
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """(N, width) model coordinates (any array of N * width numbers) → float64 original pixels.
+
+    Returns:
+        (N, width) float64 pixels of the original image (not clipped) and its (H, W).
+    """
+    arr = np.asarray(values, dtype=np.float64).reshape(-1, width) if np.size(values) else np.zeros((0, width))
+    size = _check_size("image_size", image_size)
+    pixels = input_to_image_pixels(
+        model_to_input_pixels(arr, convention, input_size),
+        input_size=input_size,
+        image_size=image_size,
+        content_box=content_box,
+    )
+    return pixels, size
+
+
 def map_boxes(
     boxes: np.ndarray,
     *,
@@ -193,14 +217,7 @@ def map_boxes(
     Returns:
         (M, 4) float32 boxes and (M,) int64 indices of the kept input boxes.
     """
-    arr = np.asarray(boxes, dtype=np.float64).reshape(-1, 4) if np.size(boxes) else np.zeros((0, 4))
-    h, w = _check_size("image_size", image_size)
-    pixels = input_to_image_pixels(
-        model_to_input_pixels(arr, convention, input_size),
-        input_size=input_size,
-        image_size=image_size,
-        content_box=content_box,
-    )
+    pixels, (h, w) = _model_to_image_pixels(boxes, 4, convention, input_size, image_size, content_box)
     x1 = np.clip(np.minimum(pixels[:, 0], pixels[:, 2]), 0, w)
     x2 = np.clip(np.maximum(pixels[:, 0], pixels[:, 2]), 0, w)
     y1 = np.clip(np.minimum(pixels[:, 1], pixels[:, 3]), 0, h)
@@ -229,14 +246,7 @@ def map_points(
     Returns:
         (M, 2) float32 points and (M,) int64 indices of the kept input points.
     """
-    arr = np.asarray(points, dtype=np.float64).reshape(-1, 2) if np.size(points) else np.zeros((0, 2))
-    h, w = _check_size("image_size", image_size)
-    pixels = input_to_image_pixels(
-        model_to_input_pixels(arr, convention, input_size),
-        input_size=input_size,
-        image_size=image_size,
-        content_box=content_box,
-    )
+    pixels, (h, w) = _model_to_image_pixels(points, 2, convention, input_size, image_size, content_box)
     inside = (
         np.isfinite(pixels).all(axis=1)
         & (pixels[:, 0] >= 0)

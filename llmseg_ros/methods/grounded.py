@@ -23,8 +23,9 @@ import numpy as np
 import torch
 
 from llmseg_ros.methods.base import SegmentRequest
-from llmseg_ros.sam_prompting import decode_masks, encode_image
-from llmseg_ros.types import FrameFeatures, Proposals, SegmentResult
+from llmseg_ros.methods.common import frame_sam_encoding, prepare_sam_frame, proposal_free_result
+from llmseg_ros.sam_prompting import decode_masks
+from llmseg_ros.types import FrameFeatures, SegmentResult
 
 if TYPE_CHECKING:
     from segment_anything.modeling import Sam
@@ -33,7 +34,6 @@ if TYPE_CHECKING:
     from llmseg_ros.components import Components
 
 PHRASE_SUFFIX = "Please answer the question using a word or phrase."
-SAM_KEY = "sam_encoding"
 
 _LEAD_INS = re.compile(
     r"^(?:sure[,!.]?\s*)?(?:(?:the\s+)?answer\s+is|it\s+is|it's|this\s+is|that\s+is|these\s+are|"
@@ -188,20 +188,11 @@ class GroundedMethod:
 
     @torch.inference_mode()
     def prepare(self, image: np.ndarray) -> FrameFeatures:
-        t0 = time.perf_counter()
-        encoding = encode_image(self.sam, image)
-        return FrameFeatures(
-            image=image,
-            proposals=Proposals.empty(image.shape[0], image.shape[1]),
-            timings={"sam_encoder": time.perf_counter() - t0},
-            cache={SAM_KEY: encoding},
-        )
+        return prepare_sam_frame(self.sam, image)
 
     @torch.inference_mode()
     def segment(self, frame: FrameFeatures, request: SegmentRequest) -> SegmentResult:
-        encoding = frame.cache.get(SAM_KEY)
-        if encoding is None:
-            raise ValueError("frame was not prepared by the grounded method (no SAM encoding)")
+        encoding = frame_sam_encoding(frame, self.name)
         t0 = time.perf_counter()
         output = self.chat_vlm.generate(
             frame.image,
@@ -217,14 +208,10 @@ class GroundedMethod:
         t2 = time.perf_counter()
         mask, sam_iou = boxes_to_mask(self.sam, encoding, detections.boxes)
         t3 = time.perf_counter()
-        return SegmentResult(
-            mask=mask,
-            selected=[],
-            similarity=np.zeros(0, np.float32),
-            iop=np.zeros(0, np.float32),
-            confidence=float(detections.scores.max()) if len(detections.scores) else 0.0,
-            num_proposals=0,
-            method=self.name,
+        return proposal_free_result(
+            self.name,
+            mask,
+            float(detections.scores.max()) if len(detections.scores) else 0.0,
             answer=output.text,
             timings={"vlm": t1 - t0, "detector": t2 - t1, "sam_decoder": t3 - t2},
             extras={

@@ -12,24 +12,29 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
 
 from llmseg_ros.methods.base import SegmentRequest
-from llmseg_ros.sam_prompting import SamImageEncoding, decode_masks, encode_image
-from llmseg_ros.types import FrameFeatures, Proposals, SegmentResult
+from llmseg_ros.methods.common import (
+    frame_sam_encoding,
+    load_state,
+    prepare_sam_frame,
+    proposal_free_result,
+    query_seg_hidden,
+    trained_weights_and_vlm,
+)
+from llmseg_ros.sam_prompting import SamImageEncoding, decode_masks
+from llmseg_ros.types import FrameFeatures, SegmentResult
 
 if TYPE_CHECKING:
     from segment_anything.modeling import Sam
 
     from llmseg_ros.components import Components
     from llmseg_ros.vlm import SegVLM
-
-SAM_KEY = "sam_encoding"
-PREFIX_KEY = "seg_vlm_prefix"
 
 
 class LisaMaskHead(nn.Module):
@@ -125,22 +130,10 @@ class LisaMethod:
 
     @classmethod
     def from_components(cls, components: Components) -> LisaMethod:
-        weights = components.trained_weights()
-        if weights.manifest.method != "lisa":
-            raise ValueError(
-                f"weights in {components.config.weights_dir} were trained for method "
-                f"{weights.manifest.method!r}, not 'lisa'"
-            )
+        weights, vlm = trained_weights_and_vlm(components, "lisa")
         sam = components.sam()
-        vlm = components.seg_vlm()
-        if vlm.hidden_size != weights.manifest.hidden_size:
-            raise ValueError(
-                f"VLM hidden size {vlm.hidden_size} does not match the weights' {weights.manifest.hidden_size}"
-            )
         head = LisaMaskHead(sam, vlm.hidden_size)
-        if "projection" not in weights.state_dicts:
-            raise ValueError(f"weights in {components.config.weights_dir} hold no 'projection.*' tensors")
-        head.projection.load_state_dict(weights.state_dicts["projection"])
+        load_state(head.projection, weights, "projection", components.config.weights_dir)
         if "mask_decoder" in weights.state_dicts:  # else SAM's own decoder (zero-shot)
             head.mask_decoder.load_state_dict(weights.state_dicts["mask_decoder"])
         head.to(components.device)
@@ -148,55 +141,22 @@ class LisaMethod:
 
     @torch.inference_mode()
     def prepare(self, image: np.ndarray) -> FrameFeatures:
-        t0 = time.perf_counter()
-        encoding = encode_image(self.sam, image)
-        return FrameFeatures(
-            image=image,
-            proposals=Proposals.empty(image.shape[0], image.shape[1]),
-            timings={"sam_encoder": time.perf_counter() - t0},
-            cache={SAM_KEY: encoding},
-        )
-
-    def _prefix(self, frame: FrameFeatures, timings: dict[str, float]) -> Any:
-        with self._prefix_lock:
-            if PREFIX_KEY not in frame.cache:
-                t0 = time.perf_counter()
-                frame.cache[PREFIX_KEY] = self.vlm.encode_prefix(frame.image)
-                timings["vlm_prefix"] = time.perf_counter() - t0
-            return frame.cache[PREFIX_KEY]
+        return prepare_sam_frame(self.sam, image)
 
     @torch.inference_mode()
     def segment(self, frame: FrameFeatures, request: SegmentRequest) -> SegmentResult:
-        encoding = frame.cache.get(SAM_KEY)
-        if encoding is None:
-            raise ValueError("frame was not prepared by the lisa method (no SAM encoding)")
+        encoding = frame_sam_encoding(frame, self.name)
         timings: dict[str, float] = {}
-        prefix = self._prefix(frame, timings)
-        t0 = time.perf_counter()
-        answer: str | None = None
-        hidden: torch.Tensor | None = None
-        if request.explain:
-            answer, hidden = self.vlm.generate(
-                prefix, request.instruction, history=request.history, is_sentence=request.is_sentence
-            )
-        if hidden is None:
-            hidden = self.vlm.seg_hidden(
-                prefix, request.instruction, is_sentence=request.is_sentence, history=request.history
-            )
+        answer, hidden = query_seg_hidden(self.vlm, frame, request, timings, self._prefix_lock)
         t1 = time.perf_counter()
         logits, iou = self.head(encoding, hidden.reshape(1, -1).to(encoding.embedding.device))
         mask = (logits[0] > self.sam.mask_threshold).cpu().numpy()
         sam_iou = float(iou[0])
-        t2 = time.perf_counter()
-        timings.update({"vlm": t1 - t0, "sam_decoder": t2 - t1})
-        return SegmentResult(
-            mask=mask,
-            selected=[],
-            similarity=np.zeros(0, np.float32),
-            iop=np.zeros(0, np.float32),
-            confidence=float(np.clip(sam_iou, 0.0, 1.0)),
-            num_proposals=0,
-            method=self.name,
+        timings["sam_decoder"] = time.perf_counter() - t1
+        return proposal_free_result(
+            self.name,
+            mask,
+            float(np.clip(sam_iou, 0.0, 1.0)),
             answer=answer,
             timings=timings,
             extras={"sam_iou_prediction": sam_iou},

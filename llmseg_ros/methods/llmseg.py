@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from llmseg_ros.config import SelectionConfig
 from llmseg_ros.methods.base import SegmentRequest
+from llmseg_ros.methods.common import load_state, query_seg_hidden, sync, trained_weights_and_vlm
 from llmseg_ros.types import FrameFeatures, SegmentResult
 
 if TYPE_CHECKING:
@@ -33,13 +34,6 @@ if TYPE_CHECKING:
     from llmseg_ros.proposals import ProposalGenerator
     from llmseg_ros.selector import ProposalSelector
     from llmseg_ros.vlm import SegVLM
-
-PREFIX_KEY = "seg_vlm_prefix"
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def selection_confidence(
@@ -83,26 +77,11 @@ class LLMSegMethod:
         from llmseg_ros.heads import TextProjection
         from llmseg_ros.selector import ProposalSelector
 
-        weights = components.trained_weights()
-        if weights.manifest.method != "llmseg":
-            raise ValueError(
-                f"weights in {components.config.weights_dir} were trained for method "
-                f"{weights.manifest.method!r}, not 'llmseg'"
-            )
-        vlm = components.seg_vlm()
-        if vlm.hidden_size != weights.manifest.hidden_size:
-            raise ValueError(
-                f"VLM {components.config.vlm!r} has hidden size {vlm.hidden_size}, but the weights in "
-                f"{components.config.weights_dir} expect {weights.manifest.hidden_size} "
-                f"(trained on {weights.manifest.base_vlm!r})"
-            )
+        weights, vlm = trained_weights_and_vlm(components, "llmseg")
         projection = TextProjection(weights.manifest.hidden_size, weights.manifest.embed_dim)
         selector = ProposalSelector()
-        for module, key in ((projection, "projection"), (selector, "selector")):
-            state = weights.state_dicts.get(key)
-            if state is None:
-                raise ValueError(f"weights in {components.config.weights_dir} hold no '{key}.*' tensors")
-            module.load_state_dict(state)
+        load_state(projection, weights, "projection", components.config.weights_dir)
+        load_state(selector, weights, "selector", components.config.weights_dir)
         projection.to(components.device)
         selector.to(components.device)
         return cls(
@@ -123,7 +102,7 @@ class LLMSegMethod:
         features = self.mask_embedder.backbone_features(image)
         feature_map = self.mask_embedder.project(features)
         embeddings = self.mask_embedder.pool(feature_map, proposals.masks).float()
-        _sync(self.device)
+        sync(self.device)
         t2 = time.perf_counter()
         return FrameFeatures(
             image=image,
@@ -132,18 +111,6 @@ class LLMSegMethod:
             timings={"proposals": t1 - t0, "mask_embeddings": t2 - t1},
         )
 
-    def _prefix(self, frame: FrameFeatures, timings: dict[str, float]) -> Any:
-        """The VLM's image-prefix cache for this frame, computed on first use."""
-        with self._prefix_lock:
-            prefix = frame.cache.get(PREFIX_KEY)
-            if prefix is None:
-                t0 = time.perf_counter()
-                prefix = self.vlm.encode_prefix(frame.image)
-                _sync(self.device)
-                timings["vlm_prefix"] = time.perf_counter() - t0
-                frame.cache[PREFIX_KEY] = prefix
-            return prefix
-
     # -- per instruction -----------------------------------------------------------
     @torch.inference_mode()
     def segment(self, frame: FrameFeatures, request: SegmentRequest) -> SegmentResult:
@@ -151,19 +118,7 @@ class LLMSegMethod:
             raise ValueError("frame was not prepared by the llmseg method (no mask embeddings)")
         selection = request.selection or self.selection
         timings: dict[str, float] = {}
-        prefix = self._prefix(frame, timings)
-        t0 = time.perf_counter()
-        answer: str | None = None
-        hidden: torch.Tensor | None = None
-        if request.explain:
-            answer, hidden = self.vlm.generate(
-                prefix, request.instruction, history=request.history, is_sentence=request.is_sentence
-            )
-        if hidden is None:
-            hidden = self.vlm.seg_hidden(
-                prefix, request.instruction, is_sentence=request.is_sentence, history=request.history
-            )
-        _sync(self.device)
+        answer, hidden = query_seg_hidden(self.vlm, frame, request, timings, self._prefix_lock)
         t1 = time.perf_counter()
         query = self.projection(hidden.to(self.device, torch.float32).unsqueeze(0))[0]  # (256,)
         similarity_t, iop_t = self.selector.score(frame.mask_embeddings.to(self.device), query)
@@ -175,8 +130,7 @@ class LLMSegMethod:
             similarity, iop, selection.strategy, iop_threshold=selection.iop_threshold, top_k=selection.top_k
         )
         mask = union_mask(frame.proposals.masks, selected)
-        t2 = time.perf_counter()
-        timings.update({"vlm": t1 - t0, "selector": t2 - t1})
+        timings["selector"] = time.perf_counter() - t1
         return SegmentResult(
             mask=mask,
             selected=selected,

@@ -14,10 +14,11 @@ image (:mod:`~llmseg_ros.methods.coords`), and every object prompts SAM:
 The result is the union of those masks. An answer without objects ("[]", "no such
 object") is a valid, empty result.
 
-Per frame, ``prepare`` runs SAM's image encoder once (``SamPredictor.set_image``) and
-keeps the embedding in ``FrameFeatures.cache["vlm_grounding_sam"]``; every instruction on
-that frame reuses it (the predictor's state is restored from the cache under a lock, so
-frames can be answered in any order and from several threads).
+Per frame, ``prepare`` runs SAM's image encoder once
+(:func:`~llmseg_ros.sam_prompting.encode_image`) and keeps the encoding in
+``FrameFeatures.cache["vlm_grounding_sam"]``; every instruction on that frame reuses it.
+The encoding is a value, not predictor state, so frames can be answered in any order and
+from several threads; masks and scores are those of ``segment_anything.SamPredictor``.
 
 Confidence (``SegmentResult.confidence``): the mean of SAM's predicted IoU over the
 non-empty masks that form the result, clipped to [0, 1]; 0.0 when the result is empty.
@@ -31,7 +32,6 @@ pixels, one per prompted object), ``points`` (per object, XY original pixels),
 
 from __future__ import annotations
 
-import threading
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -40,9 +40,11 @@ import torch
 
 from llmseg_ros.imageio import check_rgb_image
 from llmseg_ros.methods.base import SegmentRequest
+from llmseg_ros.methods.common import prepare_sam_frame, proposal_free_result
 from llmseg_ros.methods.coords import map_boxes, map_points
 from llmseg_ros.methods.parsing import GroundedObject, extract_reasoning, parse_boxes
-from llmseg_ros.types import FrameFeatures, Proposals, SegmentResult
+from llmseg_ros.sam_prompting import SamImageEncoding, decode_masks, encode_image
+from llmseg_ros.types import FrameFeatures, SegmentResult
 
 if TYPE_CHECKING:
     from segment_anything.modeling import Sam
@@ -86,58 +88,38 @@ class VLMGroundingMethod:
     name = "vlm_grounding"
 
     def __init__(self, chat_vlm: ChatVLM, sam: Sam, *, max_new_tokens: int = 256) -> None:
-        from segment_anything import SamPredictor
-
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         self.chat_vlm = chat_vlm
         self.sam = sam
-        self.predictor = SamPredictor(sam)
         self.max_new_tokens = max_new_tokens
-        self._sam_lock = threading.Lock()
-
-    # -- SAM on a cached encoding ----------------------------------------------------------
-    def _encode(self, image: np.ndarray) -> dict[str, Any]:
-        with self._sam_lock:
-            self.predictor.set_image(image)
-            return {
-                "features": self.predictor.features,
-                "original_size": self.predictor.original_size,
-                "input_size": self.predictor.input_size,
-            }
 
     def _predict(
-        self, encoding: dict[str, Any], box: np.ndarray | None, points: np.ndarray
+        self, encoding: SamImageEncoding, box: np.ndarray | None, points: np.ndarray
     ) -> tuple[np.ndarray, float]:
-        """One object's mask ((H, W) bool) and SAM's predicted IoU for it."""
-        coords = points if len(points) else None
-        labels = np.ones(len(points), dtype=np.int64) if len(points) else None
-        multimask = box is None
-        with self._sam_lock:
-            self.predictor.features = encoding["features"]
-            self.predictor.original_size = encoding["original_size"]
-            self.predictor.input_size = encoding["input_size"]
-            self.predictor.is_image_set = True
-            masks, scores, _ = self.predictor.predict(
-                point_coords=coords, point_labels=labels, box=box, multimask_output=multimask
-            )
+        """One object's mask ((H, W) bool) and SAM's predicted IoU for it.
+
+        A box (with its points as positive clicks) gives SAM's single mask; points alone
+        give the best of its three masks by predicted IoU.
+        """
+        logits, iou = decode_masks(
+            self.sam,
+            encoding,
+            boxes=None if box is None else box[None],
+            points=points[None] if len(points) else None,
+            point_labels=np.ones((1, len(points)), dtype=np.int64) if len(points) else None,
+            multimask_output=box is None,
+        )
+        scores = iou[0].float().cpu().numpy()  # (M,)
         best = int(np.argmax(scores))
-        return masks[best].astype(bool), float(scores[best])
+        return (logits[0, best] > self.sam.mask_threshold).cpu().numpy(), float(scores[best])
 
     # -- per frame --------------------------------------------------------------------------
     @torch.inference_mode()
     def prepare(self, image: np.ndarray) -> FrameFeatures:
         """SAM's image embedding of the frame (no proposals)."""
         check_rgb_image(image)
-        t0 = time.perf_counter()
-        encoding = self._encode(image)
-        frame = FrameFeatures(
-            image=image,
-            proposals=Proposals.empty(int(image.shape[0]), int(image.shape[1])),
-            timings={"sam_encoder": time.perf_counter() - t0},
-        )
-        frame.cache[SAM_CACHE_KEY] = encoding
-        return frame
+        return prepare_sam_frame(self.sam, image, SAM_CACHE_KEY)
 
     # -- per instruction --------------------------------------------------------------------
     def _objects_in_image(
@@ -188,7 +170,7 @@ class VLMGroundingMethod:
         encoding = frame.cache.get(SAM_CACHE_KEY)
         if encoding is None:
             t0 = time.perf_counter()
-            encoding = self._encode(frame.image)
+            encoding = encode_image(self.sam, frame.image)
             frame.cache[SAM_CACHE_KEY] = encoding
             timings["sam_encoder"] = time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -226,15 +208,6 @@ class VLMGroundingMethod:
             "coordinate_convention": self.chat_vlm.coordinate_convention,
             "model_input_size": list(output.input_size),
         }
-        return SegmentResult(
-            mask=mask,
-            selected=[],
-            similarity=np.zeros((0,), dtype=np.float32),
-            iop=np.zeros((0,), dtype=np.float32),
-            confidence=confidence,
-            num_proposals=0,
-            method=self.name,
-            answer=reasoning,
-            timings=timings,
-            extras=extras,
+        return proposal_free_result(
+            self.name, mask, confidence, answer=reasoning, timings=timings, extras=extras
         )

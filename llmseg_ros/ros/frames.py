@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import bisect
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -112,6 +113,18 @@ class FrameLookupError(LookupError):
     """No buffered frame fits the request (none yet, or a stale / unknown stamp)."""
 
 
+def nearest_index(sorted_stamps: Sequence[int], stamp_ns: int) -> int | None:
+    """Index of the stamp nearest to ``stamp_ns`` in ascending ``sorted_stamps`` (ns).
+
+    On a tie the earlier stamp wins. Returns ``None`` when ``sorted_stamps`` is empty.
+    """
+    i = bisect.bisect_left(sorted_stamps, stamp_ns)
+    candidates = [j for j in (i - 1, i) if 0 <= j < len(sorted_stamps)]
+    if not candidates:
+        return None
+    return min(candidates, key=lambda j: abs(sorted_stamps[j] - stamp_ns))
+
+
 class FrameBuffer:
     """The latest ``capacity`` frames, sorted by stamp; thread-safe.
 
@@ -169,9 +182,8 @@ class FrameBuffer:
             frames = list(self._frames)
         if not frames:
             raise FrameLookupError("no frame has been received yet")
-        i = bisect.bisect_left(stamps, stamp_ns)
-        candidates = [j for j in (i - 1, i) if 0 <= j < len(stamps)]
-        best = min(candidates, key=lambda j: abs(stamps[j] - stamp_ns))
+        best = nearest_index(stamps, stamp_ns)
+        assert best is not None  # the buffer is not empty
         if abs(stamps[best] - stamp_ns) <= tolerance_ns:
             return frames[best]
         span = f"the buffer holds {len(stamps)} frame(s) from {format_stamp(stamps[0])} to {format_stamp(stamps[-1])}"

@@ -231,7 +231,9 @@ def mask_to_image(mask: np.ndarray) -> ImageData:
     """(H, W) bool mask → mono8 image fields, 255 = selected, 0 = not."""
     if mask.ndim != 2:
         raise ValueError(f"mask must be (H, W), got shape {mask.shape}")
-    return numpy_to_image(np.where(mask.astype(bool), 255, 0).astype(np.uint8), "mono8")
+    from llmseg_ros.imageio import mask_to_mono8
+
+    return numpy_to_image(mask_to_mono8(mask.astype(bool)), "mono8")
 
 
 def overlay_bgr(rgb: np.ndarray, mask: np.ndarray) -> np.ndarray:

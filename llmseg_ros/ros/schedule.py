@@ -19,14 +19,13 @@ tolerance, and wins over ``instruction`` on that frame.
 
 from __future__ import annotations
 
-import bisect
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from llmseg_ros.config import SELECTION_STRATEGIES
-from llmseg_ros.ros.frames import NS_PER_S
+from llmseg_ros.ros.frames import NS_PER_S, nearest_index
 
 
 @dataclass
@@ -144,9 +143,7 @@ class ReplaySchedule:
         sorted_stamps = [stamps[i] for i in order]
         unmatched: list[TimedInstruction] = []
         for entry in self.at:
-            j = bisect.bisect_left(sorted_stamps, entry.stamp_ns)
-            near = [k for k in (j - 1, j) if 0 <= k < len(sorted_stamps)]
-            best = min(near, key=lambda k: abs(sorted_stamps[k] - entry.stamp_ns)) if near else None
+            best = nearest_index(sorted_stamps, entry.stamp_ns)
             if best is None or abs(sorted_stamps[best] - entry.stamp_ns) > self.tolerance_ns:
                 unmatched.append(entry)
                 continue

@@ -8,14 +8,12 @@ the pipeline on any machine, with no downloads. Their outputs are meaningless.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from llmseg_ros.atomic import atomic_directory
 from llmseg_ros.config import METHODS, ProposalConfig, SegmenterConfig
 
 TINY_PROFILE_VERSION = 1
@@ -125,16 +123,8 @@ def build_tiny_profile(directory: str | Path, *, method: str = "llmseg", seed: i
         raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
     directory = Path(directory).expanduser()
     if not _profile_is_complete(directory, seed):
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-        try:
+        with atomic_directory(directory) as tmp:
             _write_profile(tmp, seed)
-            if directory.exists():
-                shutil.rmtree(directory)
-            os.replace(tmp, directory)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     vlm_dir = directory / ("qwen2_5_vl" if method in ("vlm_grounding", "vlm_marks") else "llava")
     return SegmenterConfig(
         method=method,

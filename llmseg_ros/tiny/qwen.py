@@ -13,13 +13,13 @@ weights. Outputs are meaningless.
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from llmseg_ros.atomic import atomic_directory
+from llmseg_ros.tiny.bpe import train_byte_level_bpe
 
 PATCH_SIZE = 14
 MERGE_SIZE = 2
@@ -94,20 +94,9 @@ left right top bottom front back middle above below next to under behind near th
 
 def _build_tokenizer() -> Any:
     """Byte-level BPE with Qwen's special tokens and chat template (transformers fast tokenizer)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    backend = Tokenizer(models.BPE(unk_token=None))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=BPE_VOCAB_SIZE,
-        special_tokens=list(SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    lines = [line.strip() for line in _CORPUS.strip().splitlines() if line.strip()]
-    backend.train_from_iterator(lines, trainer)
+    backend = train_byte_level_bpe(_CORPUS, SPECIAL_TOKENS, BPE_VOCAB_SIZE)
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
         eos_token="<|im_end|>",
@@ -197,15 +186,7 @@ def save_tiny_qwen2_5_vl(directory: Path, seed: int = 0) -> Path:
         chat_template=QWEN_CHAT_TEMPLATE,
     )
 
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+    with atomic_directory(directory) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return directory

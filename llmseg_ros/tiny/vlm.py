@@ -12,13 +12,13 @@ tokens. Nothing is downloaded; the same seed gives byte-identical weights.
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from llmseg_ros.atomic import atomic_directory
+from llmseg_ros.tiny.bpe import train_byte_level_bpe
 
 # Sizes of the tiny model (CPU forward in milliseconds).
 IMAGE_SIZE = 64
@@ -71,20 +71,10 @@ Yes. No. Maybe. Thank you! Hello, robot: please pick up the yellow ball and hand
 
 
 def _build_tokenizer() -> Any:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import processors
     from transformers import PreTrainedTokenizerFast
 
-    backend = Tokenizer(models.BPE(unk_token=None))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=BPE_VOCAB_SIZE,
-        special_tokens=list(SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    lines = [line.strip() for line in _CORPUS.strip().splitlines() if line.strip()]
-    backend.train_from_iterator(lines, trainer)
+    backend = train_byte_level_bpe(_CORPUS, SPECIAL_TOKENS, BPE_VOCAB_SIZE)
     bos_id = backend.token_to_id("<s>")
     backend.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos_id)]
@@ -178,15 +168,7 @@ def save_tiny_llava(directory: Path, seed: int = 0, *, pad_vocab_to_multiple_of:
         chat_template=LLAVA_15_CHAT_TEMPLATE,
     )
 
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+    with atomic_directory(directory) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return directory
