@@ -47,7 +47,9 @@ setup(
     name="llmseg_ros",
     version="0.1.0",
     description="Reasoning segmentation for robots (LLM-Seg) as a ROS 2 perception node",
-    long_description=(HERE / "README.md").read_text(encoding="utf-8") if (HERE / "README.md").exists() else "",
+    long_description=(HERE / "README.md").read_text(encoding="utf-8")
+    if (HERE / "README.md").exists()
+    else "",
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
