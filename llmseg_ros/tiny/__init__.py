@@ -23,7 +23,7 @@ TINY_EMBED_SIZE = 112
 # Random SAM weights rarely pass the reference score filters, so the tiny profile keeps
 # every mask the decoder proposes (up to max_proposals) to exercise the whole pipeline.
 TINY_PROPOSALS = ProposalConfig(
-    points_per_side=8,
+    points_per_side=4,
     points_per_batch=64,
     pred_iou_thresh=-1e4,
     stability_score_thresh=0.0,

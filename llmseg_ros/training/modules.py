@@ -1,0 +1,318 @@
+"""The models of a training run and the one ``nn.Module`` that holds everything trained.
+
+Trained (LLM-Seg): the VLM's LoRA adapter with its ``embed_tokens`` / ``lm_head`` copies
+(as :meth:`llmseg_ros.vlm.SegVLM.load` with ``trainable=True`` sets them up), the text
+projection (h → h → 256), the mask-embedding 1×1 projection (``mask_proj``, DINOv2 1024 →
+256) and the selector (fusion + IoU / IoP heads). Frozen: the LLaVA base weights, DINOv2,
+SAM. :class:`TrainModules` registers exactly the trained parts, so ``accelerate`` (DDP,
+DeepSpeed) wraps and synchronises only them, and its ``forward`` computes the whole loss.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from llmseg_ros.losses import llmseg_loss
+from llmseg_ros.training.config import DataSource, TrainConfig
+from llmseg_ros.types import Proposals
+
+if TYPE_CHECKING:
+    from llmseg_ros.embeddings import MaskEmbedder
+    from llmseg_ros.heads import TextProjection
+    from llmseg_ros.selector import ProposalSelector
+    from llmseg_ros.vlm import SegVLM
+
+TINY_MARKER = "tiny_models.json"
+TINY_VERSION = 1
+
+
+@dataclass
+class Batch:
+    """One micro-batch, ready for :meth:`TrainModules.forward`.
+
+    Attributes:
+        images: B (H, W, 3) uint8 RGB images.
+        conversations: B (question, answer) pairs; each answer holds one ``<SEG>``.
+        features: B (C, g, g) backbone feature tensors (any float dtype, any device).
+        masks: B (K_b, H_b, W_b) bool proposal masks at image resolution.
+        iou / iop: (B, K) float32 ground-truth targets, 0 at padded slots.
+        padding: (B, K) bool, True = padded slot; K = max(1, max_b K_b).
+    """
+
+    images: list[np.ndarray]
+    conversations: list[tuple[str, str]]
+    features: list[torch.Tensor]
+    masks: list[np.ndarray]
+    iou: torch.Tensor
+    iop: torch.Tensor
+    padding: torch.Tensor
+
+
+def pad_targets(
+    ious: list[np.ndarray], iops: list[np.ndarray], device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stack per-sample (K_b,) targets into (B, K) tensors plus the (B, K) padding mask."""
+    if len(ious) != len(iops) or not ious:
+        raise ValueError(
+            f"need equally many, non-zero IoU and IoP target arrays, got {len(ious)} and {len(iops)}"
+        )
+    k = max(1, *(len(v) for v in ious))
+    b = len(ious)
+    iou = torch.zeros((b, k), dtype=torch.float32)
+    iop = torch.zeros((b, k), dtype=torch.float32)
+    padding = torch.ones((b, k), dtype=torch.bool)
+    for i, (u, p) in enumerate(zip(ious, iops)):
+        if len(u) != len(p):
+            raise ValueError(f"sample {i}: {len(u)} IoU targets but {len(p)} IoP targets")
+        iou[i, : len(u)] = torch.as_tensor(u, dtype=torch.float32)
+        iop[i, : len(p)] = torch.as_tensor(p, dtype=torch.float32)
+        padding[i, : len(u)] = False
+    return iou.to(device), iop.to(device), padding.to(device)
+
+
+class TrainModules(nn.Module):
+    """Every trained part of LLM-Seg as one module; ``forward`` returns the losses.
+
+    Submodules: ``vlm`` (the peft-wrapped LLaVA), ``projection``, ``mask_proj`` (the
+    embedder's 1×1 convolution) and ``selector``. The :class:`SegVLM` and
+    :class:`MaskEmbedder` wrappers are kept as plain attributes (not submodules), so the
+    frozen DINOv2 backbone is not part of this module.
+    """
+
+    seg_vlm: SegVLM
+    embedder: MaskEmbedder
+
+    def __init__(
+        self,
+        vlm: SegVLM,
+        embedder: MaskEmbedder,
+        projection: TextProjection,
+        selector: ProposalSelector,
+        *,
+        iou_weight: float = 1.0,
+        iop_weight: float = 50.0,
+        lm_weight: float = 1.0,
+        tau: float = 0.05,
+        iou_direction: str = "pred_gt",
+    ) -> None:
+        super().__init__()
+        self.vlm = vlm.model
+        self.projection = projection
+        self.mask_proj = embedder.proj
+        self.selector = selector
+        object.__setattr__(self, "seg_vlm", vlm)
+        object.__setattr__(self, "embedder", embedder)
+        self.weights = {"iou": iou_weight, "iop": iop_weight, "lm": lm_weight}
+        self.tau = tau
+        self.iou_direction = iou_direction
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """name → parameter of every trainable parameter (live tensors, not copies)."""
+        return {name: p for name, p in self.named_parameters() if p.requires_grad}
+
+    def mask_embeddings(
+        self, features: list[torch.Tensor], masks: list[np.ndarray]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Padded (B, K, 256) float32 mask embeddings and the (B, K) padding mask (True = pad)."""
+        pooled = [
+            self.embedder.pool(self.embedder.project(f), m) for f, m in zip(features, masks)
+        ]  # B × (K_b, 256)
+        k = max(1, *(p.shape[0] for p in pooled))
+        out = pooled[0].new_zeros((len(pooled), k, pooled[0].shape[1]))
+        padding = torch.ones((len(pooled), k), dtype=torch.bool, device=out.device)
+        for i, p in enumerate(pooled):
+            out[i, : p.shape[0]] = p
+            padding[i, : p.shape[0]] = False
+        return out, padding
+
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """Losses of one micro-batch: ``total``, ``lm``, ``iou``, ``iop`` (scalars, float32).
+
+        ``total = λ_lm·lm + λ_iou·iou + λ_iop·iop`` (LLM-Seg eq. 4 plus the LM cross-entropy).
+        """
+        lm, seg_hidden, batch_index = self.seg_vlm.training_forward(batch.images, batch.conversations)
+        expected = torch.arange(len(batch.images), device=batch_index.device)
+        if batch_index.shape != expected.shape or not torch.equal(batch_index, expected):
+            raise ValueError(
+                f"every answer must hold exactly one <SEG>; got <SEG> rows for samples {batch_index.tolist()}"
+            )
+        query = self.projection(seg_hidden.to(next(self.projection.parameters()).dtype))  # (B, 256)
+        embeddings, padding = self.mask_embeddings(batch.features, batch.masks)
+        if padding.shape != batch.padding.shape or not torch.equal(padding.cpu(), batch.padding.cpu()):
+            raise ValueError("the proposal masks and the IoU/IoP targets disagree on the number of proposals")
+        out = self.selector(embeddings, query, padding)
+        losses = llmseg_loss(
+            lm,
+            out.similarity,
+            batch.iou.to(out.similarity.device),
+            out.iop,
+            batch.iop.to(out.iop.device),
+            padding,
+            iou_weight=self.weights["iou"],
+            iop_weight=self.weights["iop"],
+            tau=self.tau,
+            iou_direction=self.iou_direction,
+        )
+        losses["total"] = (
+            self.weights["lm"] * losses["lm"]
+            + self.weights["iou"] * losses["iou"]
+            + self.weights["iop"] * losses["iop"]
+        )
+        return losses
+
+
+@dataclass
+class Models:
+    """The loaded models of a run (trained parts inside ``modules``)."""
+
+    vlm: SegVLM
+    embedder: MaskEmbedder
+    projection: TextProjection
+    selector: ProposalSelector
+    proposal_fn: Callable[[np.ndarray], Proposals] | None
+
+
+def build_models(
+    config: TrainConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+    *,
+    need_proposals: bool,
+) -> Models:
+    """Load the VLM (LoRA, trainable), DINOv2 and the fresh or initial heads.
+
+    Args:
+        config: the run's configuration (models, LoRA, ``init_weights``).
+        device: where everything lives.
+        dtype: dtype of the frozen VLM and DINOv2 weights.
+        need_proposals: also load SAM and its proposal generator (some source has no cache).
+    """
+    from llmseg_ros.embeddings import MaskEmbedder
+    from llmseg_ros.heads import TextProjection
+    from llmseg_ros.selector import ProposalSelector
+    from llmseg_ros.vlm import SegVLM
+
+    init = None
+    if config.init_weights is not None:
+        from llmseg_ros.weights import load_weights
+
+        init = load_weights(config.init_weights)
+        if init.manifest.method != "llmseg":
+            raise ValueError(
+                f"init_weights {config.init_weights} hold {init.manifest.method!r} weights, not 'llmseg'"
+            )
+        if init.adapter_dir is None:
+            raise ValueError(f"init_weights {config.init_weights} hold no VLM adapter (adapter/)")
+    vlm = SegVLM.load(
+        config.vlm,
+        device=device,
+        dtype=dtype,
+        adapter_dir=None if init is None else init.adapter_dir,
+        lora=config.lora,
+        trainable=True,
+    )
+    if config.gradient_checkpointing:
+        vlm.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    embedder = MaskEmbedder.load(config.dinov2, device=device, dtype=dtype, input_size=config.embed_size)
+    projection = TextProjection(vlm.hidden_size).to(device)
+    selector = ProposalSelector().to(device)
+    if init is not None:
+        if init.manifest.hidden_size != vlm.hidden_size:
+            raise ValueError(
+                f"init_weights {config.init_weights} expect a VLM of hidden size {init.manifest.hidden_size}, "
+                f"{config.vlm!r} has {vlm.hidden_size}"
+            )
+        for name, module in (
+            ("projection", projection),
+            ("selector", selector),
+            ("mask_proj", embedder.proj),
+        ):
+            state = init.state_dicts.get(name)
+            if state is None:
+                raise ValueError(f"init_weights {config.init_weights} hold no '{name}.*' tensors")
+            module.load_state_dict(state)
+    proposal_fn = None
+    if need_proposals:
+        if config.sam_checkpoint is None:
+            raise ValueError(
+                "a data source has no proposal cache, so SAM runs during training, but sam_checkpoint is not set; "
+                "precompute caches with training/precompute.py or set sam_checkpoint"
+            )
+        from llmseg_ros.proposals import ProposalGenerator
+        from llmseg_ros.sam import build_sam
+
+        sam = build_sam(config.sam_model_type, config.sam_checkpoint, device)
+        proposal_fn = ProposalGenerator.from_config(sam, config.proposals).generate
+    return Models(vlm, embedder, projection, selector, proposal_fn)
+
+
+def build_tiny_models(directory: str | Path, seed: int = 0) -> dict[str, str]:
+    """Write (once) tiny random base models for ``--profile tiny``: LLaVA, DINOv2, SAM.
+
+    Returns:
+        ``{"vlm": dir, "dinov2": dir, "sam_checkpoint": file}``.
+    """
+    from llmseg_ros.tiny.sam import save_tiny_sam
+    from llmseg_ros.tiny.vision import save_tiny_dinov2
+    from llmseg_ros.tiny.vlm import save_tiny_llava
+    from llmseg_ros.training.precompute import TINY_SAM_IMAGE_SIZE
+
+    directory = Path(directory)
+    paths = {
+        "vlm": str(directory / "llava"),
+        "dinov2": str(directory / "dinov2"),
+        "sam_checkpoint": str(directory / "sam_tiny.pth"),
+    }
+    marker = directory / TINY_MARKER
+    expected = {"version": TINY_VERSION, "seed": seed}
+    try:
+        if json.loads(marker.read_text(encoding="utf-8")) == expected:
+            return paths
+    except (OSError, json.JSONDecodeError):
+        pass
+    directory.mkdir(parents=True, exist_ok=True)
+    save_tiny_llava(Path(paths["vlm"]), seed=seed)
+    save_tiny_dinov2(Path(paths["dinov2"]), seed=seed)
+    save_tiny_sam(Path(paths["sam_checkpoint"]), seed=seed, image_size=TINY_SAM_IMAGE_SIZE)
+    from llmseg_ros.data.io import atomic_write_json
+
+    atomic_write_json(marker, expected)
+    return paths
+
+
+def apply_tiny_profile(config: TrainConfig) -> TrainConfig:
+    """``profile: tiny``: tiny random base models (and synthetic data when no source is given).
+
+    Models go to ``OUTPUT_DIR/tiny_models``; without sources, 16 synthetic scenes are
+    written to ``OUTPUT_DIR/synthetic`` and used as a JSONL source with proposals from the
+    tiny SAM. The tiny DINOv2 input size and proposal settings of ``llmseg_ros.tiny`` are used.
+    """
+    from llmseg_ros.tiny import TINY_EMBED_SIZE, TINY_PROPOSALS
+
+    out = Path(config.output_dir)
+    paths = build_tiny_models(out / "tiny_models", seed=config.seed)
+    changes: dict[str, Any] = {
+        "vlm": paths["vlm"],
+        "dinov2": paths["dinov2"],
+        "sam_checkpoint": paths["sam_checkpoint"],
+        "sam_model_type": "tiny",
+        "embed_size": TINY_EMBED_SIZE,
+        "proposals": TINY_PROPOSALS,
+    }
+    if not config.sources:
+        from llmseg_ros.data.synthetic import write_synthetic_dataset
+
+        data_dir = out / "synthetic"
+        train_file = data_dir / "jsonl" / "train.jsonl"
+        if not train_file.is_file():
+            write_synthetic_dataset(data_dir, {"train": 16}, seed=config.seed)
+        changes["sources"] = [DataSource(kind="jsonl", path=str(train_file), name="synthetic")]
+    return config.replace(**changes)
