@@ -331,3 +331,25 @@ def test_cli_replays_a_bag_with_the_tiny_profile(tmp_path: Path, tiny_profile_di
     assert (
         main(["replay-bag", str(bag), "--instructions", str(plan), "--out", str(tmp_path / "out")]) == 2
     )  # exists
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["lisa", "grounded", "vlm_grounding", "vlm_marks"])
+def test_replay_with_every_other_method(tmp_path: Path, tiny_profile_dir: Path, method: str) -> None:
+    from llmseg_ros.cli import main
+
+    bag = write_bag(tmp_path / "in", "sqlite3", frames=2)
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("instruction: something I could stand on\n")
+    rc = main(
+        [
+            "replay-bag", str(bag), "--instructions", str(plan), "--out", str(tmp_path / "out"),
+            "--profile", "tiny", "--tiny-dir", str(tiny_profile_dir), "--method", method,
+            "--image-topic", COLOUR, "--no-progress",
+        ]
+    )  # fmt: skip
+    assert rc == 0
+    outputs = read_bag(tmp_path / "out")
+    masks = outputs["/llmseg/mask"]
+    assert [stamp_to_ns(m.header.stamp) for _, m, _ in masks] == [colour_stamp(i) for i in range(2)]
+    assert [m.method for _, m, _ in outputs["/llmseg/segmentation"]] == [method, method]

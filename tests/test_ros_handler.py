@@ -260,3 +260,24 @@ def test_end_to_end_with_the_tiny_profile(tiny_config_factory: Any, scene_image:
     bad = handler.handle(request_msg(""))
     assert not bad.success
     assert handler.handle(request_msg("a cup")).success
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["lisa", "grounded", "vlm_grounding", "vlm_marks"])
+def test_every_other_method_through_the_handler(
+    tiny_config_factory: Any, scene_image: np.ndarray, method: str
+) -> None:
+    """The method switch reaches the node's request handling unchanged."""
+    from llmseg_ros.pipeline import ReasonSegmenter
+
+    segmenter = ReasonSegmenter(tiny_config_factory(method))
+    buffer = FrameBuffer(2)
+    buffer.add(Frame(header=HeaderData(1 * S, "camera"), rgb=scene_image))
+    handler = RequestHandler(segmenter, buffer, HandlerSettings(request_timeout_s=120.0))
+    outcome = handler.handle(request_msg("where could I throw away these scraps?", return_overlay=True))
+    assert outcome.success, outcome.message
+    assert outcome.result is not None and outcome.result.method == method
+    assert outcome.result.mask.shape == scene_image.shape[:2]
+    assert 0.0 <= outcome.result.confidence <= 1.0 and outcome.overlay is not None
+    assert not handler.handle(request_msg("")).success
+    assert handler.handle(request_msg("a cup")).success
