@@ -43,7 +43,12 @@ def fake_proposals(image: np.ndarray) -> Proposals:
 def fake_features(image: np.ndarray) -> np.ndarray:
     """(4, 2, 2) float32 features: per-channel means of the image quadrants, plus a constant."""
     h, w = image.shape[:2]
-    quads = [image[: h // 2, : w // 2], image[: h // 2, w // 2 :], image[h // 2 :, : w // 2], image[h // 2 :, w // 2 :]]
+    quads = [
+        image[: h // 2, : w // 2],
+        image[: h // 2, w // 2 :],
+        image[h // 2 :, : w // 2],
+        image[h // 2 :, w // 2 :],
+    ]
     means = np.array([q.reshape(-1, 3).mean(0) for q in quads], dtype=np.float32).T.reshape(3, 2, 2)
     return np.concatenate([means / 255.0, np.full((1, 2, 2), 0.5, np.float32)])
 
@@ -158,7 +163,7 @@ def test_crash_leaves_no_partial_shard_and_resume_finishes_the_rest(tmp_path: Pa
             reference, shard, ".jsonl"
         ).read_bytes().count(b"\n")
     a, b = ProposalCache(out), ProposalCache(reference)
-    for key in b.keys():
+    for key in b.keys():  # noqa: SIM118 - ProposalCache is not iterable
         assert_same_proposals(b.get(key).proposals, a.get(key).proposals)
 
 
@@ -222,11 +227,16 @@ def test_dataset_inputs_and_config_validation(tmp_path: Path) -> None:
     from llmseg_ros.data.synthetic import write_synthetic_dataset
 
     files = write_synthetic_dataset(tmp_path / "syn", {"train": 3}, questions=2)
-    config = PrecomputeConfig(output_dir=str(tmp_path / "c"), dataset="jsonl", root=str(files["train"]), profile="tiny")
+    config = PrecomputeConfig(
+        output_dir=str(tmp_path / "c"), dataset="jsonl", root=str(files["train"]), profile="tiny"
+    )
     paths = collect_image_paths(config)
     assert len(paths) == 6 and len(plan_items(paths)) == 3  # two questions per scene, one image
     reason = PrecomputeConfig(
-        output_dir=str(tmp_path / "c"), dataset="reasonseg", root=str(tmp_path / "syn" / "reasonseg"), profile="tiny"
+        output_dir=str(tmp_path / "c"),
+        dataset="reasonseg",
+        root=str(tmp_path / "syn" / "reasonseg"),
+        profile="tiny",
     )
     assert len(collect_image_paths(reason)) == 6  # ReasonSeg layout: one JPEG per question
     with pytest.raises(ValueError, match="give image folders"):
@@ -237,7 +247,7 @@ def test_dataset_inputs_and_config_validation(tmp_path: Path) -> None:
         PrecomputeConfig(output_dir="x", dataset="jsonl", profile="tiny")
 
 
-def _load_script(name: str):  # noqa: ANN202 - a module object
+def _load_script(name: str):
     spec = importlib.util.spec_from_file_location(f"training_{name}", REPO / "training" / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
@@ -256,7 +266,9 @@ def test_cli_with_the_real_tiny_proposal_stage(tmp_path: Path, capsys: pytest.Ca
 
     folder = tmp_path / "images"
     write_image(folder / "a.png", np.random.default_rng(3).integers(0, 256, (40, 56, 3), dtype=np.uint8))
-    write_image(folder / "sub" / "b.jpg", np.random.default_rng(4).integers(0, 256, (48, 32, 3), dtype=np.uint8))
+    write_image(
+        folder / "sub" / "b.jpg", np.random.default_rng(4).integers(0, 256, (48, 32, 3), dtype=np.uint8)
+    )
     out = tmp_path / "cache"
     script = _load_script("precompute")
     summary = script.main(["--images", str(folder), "--out", str(out), "--profile", "tiny", "--features",

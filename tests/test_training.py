@@ -60,7 +60,9 @@ def make_config(setup: dict[str, object], output: Path, **changes: object) -> Tr
     models = setup["models"]
     assert isinstance(models, dict)
     base = TrainConfig(
-        sources=[DataSource(kind="jsonl", path=str(setup["train"]), cache=str(setup["cache"]), name="synthetic")],
+        sources=[
+            DataSource(kind="jsonl", path=str(setup["train"]), cache=str(setup["cache"]), name="synthetic")
+        ],
         vlm=models["vlm"],
         dinov2=models["dinov2"],
         embed_size=TINY_EMBED_SIZE,
@@ -97,7 +99,9 @@ def test_config_validation_fingerprint_and_shipped_configs(tmp_path: Path) -> No
         TrainConfig(warmup_steps=10, max_steps=10)
     with pytest.raises(ValueError, match="precision must be one of"):
         TrainConfig(precision="fp8")
-    config = TrainConfig.from_dict({"sources": [{"kind": "jsonl", "path": "a.jsonl", "rate": 2}], "lora": {"r": 4}})
+    config = TrainConfig.from_dict(
+        {"sources": [{"kind": "jsonl", "path": "a.jsonl", "rate": 2}], "lora": {"r": 4}}
+    )
     assert config.sources[0].name == "jsonl" and config.lora.r == 4
     assert TrainConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
     assert config.replace(output_dir="elsewhere", stop_after=3).fingerprint() == config.fingerprint()
@@ -105,9 +109,20 @@ def test_config_validation_fingerprint_and_shipped_configs(tmp_path: Path) -> No
 
     shipped = {p.name: TrainConfig.from_file(p) for p in sorted((REPO / "training" / "configs").glob("*.yaml"))
                if not p.name.startswith("accelerate")}  # fmt: skip
-    assert {"reasonseg_llmseg.yaml", "llmseg40k_finetune.yaml", "robot_finetune.yaml", "tiny_smoke.yaml"} <= set(shipped)
+    assert {
+        "reasonseg_llmseg.yaml",
+        "llmseg40k_finetune.yaml",
+        "robot_finetune.yaml",
+        "tiny_smoke.yaml",
+    } <= set(shipped)
     paper = shipped["reasonseg_llmseg.yaml"]
-    assert (paper.lr, paper.batch_size, paper.grad_accum, paper.max_steps, paper.precision) == (1e-4, 1, 10, 5000, "bf16")
+    assert (paper.lr, paper.batch_size, paper.grad_accum, paper.max_steps, paper.precision) == (
+        1e-4,
+        1,
+        10,
+        5000,
+        "bf16",
+    )
     assert [(s.name, s.rate) for s in paper.sources] == [("sem_seg", 9), ("refer_seg", 3), ("reason_seg", 1)]
     assert (paper.iou_weight, paper.iop_weight, paper.tau) == (1.0, 50.0, 0.05)
     finetune = shipped["llmseg40k_finetune.yaml"]
@@ -125,7 +140,9 @@ def test_data_mix_is_stateless_and_follows_the_rates(setup: dict[str, object]) -
     assert (first.source, first.sample.image_id, first.question, first.answer) == (
         again.source, again.sample.image_id, again.question, again.answer,
     )  # fmt: skip
-    assert [mix.choose(p)[:2] for p in range(50)] != [DataMix([a, b], seed=8).choose(p)[:2] for p in range(50)]
+    assert [mix.choose(p)[:2] for p in range(50)] != [
+        DataMix([a, b], seed=8).choose(p)[:2] for p in range(50)
+    ]
     for position in range(30):
         example = mix[position]
         assert example.answer.count(SEG_TOKEN) == 1
@@ -148,13 +165,18 @@ def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in module.named_parameters()}
 
 
-def test_step_moves_trainable_weights_only_and_export_loads_back(setup: dict[str, object], tmp_path: Path) -> None:
+def test_step_moves_trainable_weights_only_and_export_loads_back(
+    setup: dict[str, object], tmp_path: Path
+) -> None:
     """Two sources: oracle cache with features, and one without cache (tiny SAM + DINOv2 on the fly)."""
     sources = [
         DataSource(kind="jsonl", path=str(setup["train"]), cache=str(setup["cache"]), name="cached"),
         DataSource(kind="jsonl", path=str(setup["train"]), name="online"),
     ]
-    trainer = Trainer(make_config(setup, tmp_path / "run", sources=sources, max_steps=3, grad_accum=1, checkpoint_every=0), progress=False)
+    trainer = Trainer(
+        make_config(setup, tmp_path / "run", sources=sources, max_steps=3, grad_accum=1, checkpoint_every=0),
+        progress=False,
+    )
     modules = trainer.modules
     assert trainer.models.proposal_fn is not None
     vlm_before = snapshot(modules.seg_vlm.model)
@@ -192,7 +214,11 @@ def test_step_moves_trainable_weights_only_and_export_loads_back(setup: dict[str
     assert result.weights_dir is not None
     loaded = load_weights(result.weights_dir)
     assert loaded.manifest.method == "llmseg" and loaded.manifest.extra["steps"] == 3
-    for key, module in (("projection", modules.projection), ("selector", modules.selector), ("mask_proj", modules.mask_proj)):
+    for key, module in (
+        ("projection", modules.projection),
+        ("selector", modules.selector),
+        ("mask_proj", modules.mask_proj),
+    ):
         state = module.state_dict()
         assert set(loaded.state_dicts[key]) == set(state)
         assert all(torch.equal(loaded.state_dicts[key][k], v) for k, v in state.items())
@@ -267,7 +293,7 @@ def test_resume_reaches_the_same_weights_exactly(setup: dict[str, object], tmp_p
     trainable_equal(uninterrupted, tuned)
 
 
-def _load_script(name: str):  # noqa: ANN202 - a module object
+def _load_script(name: str):
     spec = importlib.util.spec_from_file_location(f"training_{name}", REPO / "training" / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
@@ -281,7 +307,12 @@ def test_cli_tiny_profile_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixtu
     args = script.parse_args(["--config", str(REPO / "training/configs/tiny_smoke.yaml"), "--output-dir",
                               str(tmp_path / "run"), "--set", "lora.r=4", "--set", "max_steps=2", "--no-progress"])  # fmt: skip
     config = script.config_from_args(args)
-    assert (config.profile, config.lora.r, config.max_steps, config.output_dir) == ("tiny", 4, 2, str(tmp_path / "run"))
+    assert (config.profile, config.lora.r, config.max_steps, config.output_dir) == (
+        "tiny",
+        4,
+        2,
+        str(tmp_path / "run"),
+    )
     with pytest.raises(ValueError, match="KEY=VALUE"):
         script.apply_override({}, "lr")
     assert script.main([*map(str, ["--config", REPO / "training/configs/tiny_smoke.yaml", "--output-dir",

@@ -36,7 +36,9 @@ from llmseg_ros.training.precompute import PrecomputeConfig, PrecomputeSummary, 
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     inputs = parser.add_argument_group("inputs (folders and/or one dataset)")
     inputs.add_argument("--images", nargs="+", default=[], metavar="DIR", help="image folders (recursive)")
     inputs.add_argument("--dataset", choices=SOURCE_KINDS, help="dataset format of --root")
@@ -57,7 +59,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     models.add_argument("--embed-size", type=int, default=896, help="DINOv2 input long side (896)")
     models.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     models.add_argument("--dtype", default="auto", help="DINOv2 dtype: auto | float32 | float16 | bfloat16")
-    models.add_argument("--profile", choices=("custom", "tiny"), default="custom", help="tiny: random tiny models")
+    models.add_argument(
+        "--profile", choices=("custom", "tiny"), default="custom", help="tiny: random tiny models"
+    )
     parser.add_argument("--shard-size", type=int, default=32, help="images per shard (32)")
     parser.add_argument("--max-shards", type=int, help="stop after writing this many shards")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -66,7 +70,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def config_from_args(args: argparse.Namespace) -> PrecomputeConfig:
     """The :class:`PrecomputeConfig` the command line describes."""
-    proposals = ProposalConfig(**read_mapping(args.proposal_config)) if args.proposal_config else ProposalConfig()
+    proposals = (
+        ProposalConfig(**read_mapping(args.proposal_config)) if args.proposal_config else ProposalConfig()
+    )
     if args.max_proposals is not None:
         proposals = ProposalConfig(**{**proposals.__dict__, "max_proposals": args.max_proposals})
     return PrecomputeConfig(

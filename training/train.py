@@ -36,7 +36,9 @@ from llmseg_ros.training.config import PROFILES, RESUME_MODES, TrainConfig, read
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", help="YAML/JSON training config (fields of TrainConfig)")
     parser.add_argument("--output-dir", help="override output_dir")
     parser.add_argument("--max-steps", type=int, help="override max_steps (optimizer steps)")

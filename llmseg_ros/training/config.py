@@ -73,7 +73,9 @@ class DataSource:
                 f"source instructions must be one of {list(INSTRUCTION_CHOICES)}, got {self.instructions!r}"
             )
         if self.templates not in TEMPLATE_CHOICES:
-            raise ValueError(f"source templates must be one of {list(TEMPLATE_CHOICES)}, got {self.templates!r}")
+            raise ValueError(
+                f"source templates must be one of {list(TEMPLATE_CHOICES)}, got {self.templates!r}"
+            )
         if isinstance(self.cache, tuple):
             self.cache = list(self.cache)
         self.name = self.name or self.kind

@@ -171,7 +171,10 @@ class Trainer:
             {"params": [p for n, p in named.items() if n.startswith(on_proposals)], "lr": head_lr},
         ]
         optimizer = torch.optim.AdamW(
-            [g for g in groups if g["params"]], betas=config.betas, eps=config.eps, weight_decay=config.weight_decay
+            [g for g in groups if g["params"]],
+            betas=config.betas,
+            eps=config.eps,
+            weight_decay=config.weight_decay,
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: warmup_decay(s, config.warmup_steps, config.max_steps)
