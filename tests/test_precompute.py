@@ -93,9 +93,15 @@ def test_cache_round_trip_shards_dedup_and_summary(tmp_path: Path) -> None:
     paths = write_images(tmp_path / "images", 5, duplicate_of=1)
     out = tmp_path / "cache"
     summary = precompute_cache(
-        paths, out, fake_proposals, features=fake_features, feature_model="fake", feature_input_size=28,
-        shard_size=2, progress=False,
-    )  # fmt: skip
+        paths,
+        out,
+        fake_proposals,
+        features=fake_features,
+        feature_model="fake",
+        feature_input_size=28,
+        shard_size=2,
+        progress=False,
+    )
     assert summary.images == 5  # the copy has the same bytes: cached once
     assert (summary.computed, summary.shards, summary.shards_skipped) == (5, 3, 0)
     counts = [len(fake_proposals(read_rgb(p))) for p in paths[:5]]
@@ -104,8 +110,13 @@ def test_cache_round_trip_shards_dedup_and_summary(tmp_path: Path) -> None:
     assert summary.seconds_per_image > 0
     assert json.loads((out / "summary.json").read_text())["images"] == 5
     assert sorted(p.name for p in (out / "shards").iterdir()) == [
-        "00000.jsonl", "00000.npz", "00001.jsonl", "00001.npz", "00002.jsonl", "00002.npz",
-    ]  # fmt: skip
+        "00000.jsonl",
+        "00000.npz",
+        "00001.jsonl",
+        "00001.npz",
+        "00002.jsonl",
+        "00002.npz",
+    ]
 
     cache = ProposalCache(out)
     assert cache.is_complete and len(cache) == 5 and cache.has_features
@@ -163,7 +174,7 @@ def test_crash_leaves_no_partial_shard_and_resume_finishes_the_rest(tmp_path: Pa
             reference, shard, ".jsonl"
         ).read_bytes().count(b"\n")
     a, b = ProposalCache(out), ProposalCache(reference)
-    for key in b.keys():  # noqa: SIM118 - ProposalCache is not iterable
+    for key in b:
         assert_same_proposals(b.get(key).proposals, a.get(key).proposals)
 
 
@@ -179,9 +190,15 @@ def test_max_shards_and_resume_checks(tmp_path: Path) -> None:
         precompute_cache(paths, out, fake_proposals, shard_size=3, progress=False)
     with pytest.raises(ValueError, match="features=False"):
         precompute_cache(
-            paths, out, fake_proposals, features=fake_features, feature_model="f", feature_input_size=1,
-            shard_size=2, progress=False,
-        )  # fmt: skip
+            paths,
+            out,
+            fake_proposals,
+            features=fake_features,
+            feature_model="f",
+            feature_input_size=1,
+            shard_size=2,
+            progress=False,
+        )
     with pytest.raises(ValueError, match="proposal settings"):
         precompute_cache(paths, out, fake_proposals, shard_size=2, progress=False, proposal_settings={"x": 1})
     second = precompute_cache(paths, out, fake_proposals, shard_size=2, progress=False)
@@ -271,8 +288,22 @@ def test_cli_with_the_real_tiny_proposal_stage(tmp_path: Path, capsys: pytest.Ca
     )
     out = tmp_path / "cache"
     script = _load_script("precompute")
-    summary = script.main(["--images", str(folder), "--out", str(out), "--profile", "tiny", "--features",
-                           "--device", "cpu", "--shard-size", "1", "--no-progress"])  # fmt: skip
+    summary = script.main(
+        [
+            "--images",
+            str(folder),
+            "--out",
+            str(out),
+            "--profile",
+            "tiny",
+            "--features",
+            "--device",
+            "cpu",
+            "--shard-size",
+            "1",
+            "--no-progress",
+        ]
+    )
     assert summary.images == 2 and summary.shards == 2
     assert "2 images in 2 shards" in capsys.readouterr().out
 
@@ -290,6 +321,20 @@ def test_cli_with_the_real_tiny_proposal_stage(tmp_path: Path, capsys: pytest.Ca
         np.testing.assert_array_equal(frame.features, expected)
     assert cache.manifest.proposals["sam_model_type"] == "tiny"
     assert cache.manifest.proposals["max_proposals"] == TINY_PROPOSALS.max_proposals
-    again = script.main(["--images", str(folder), "--out", str(out), "--profile", "tiny", "--features",
-                         "--device", "cpu", "--shard-size", "1", "--no-progress"])  # fmt: skip
+    again = script.main(
+        [
+            "--images",
+            str(folder),
+            "--out",
+            str(out),
+            "--profile",
+            "tiny",
+            "--features",
+            "--device",
+            "cpu",
+            "--shard-size",
+            "1",
+            "--no-progress",
+        ]
+    )
     assert again.computed == 0 and again.shards_skipped == 2

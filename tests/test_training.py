@@ -107,8 +107,19 @@ def test_config_validation_fingerprint_and_shipped_configs(tmp_path: Path) -> No
     assert config.replace(output_dir="elsewhere", stop_after=3).fingerprint() == config.fingerprint()
     assert config.replace(lr=2e-4).fingerprint() != config.fingerprint()
 
-    shipped = {p.name: TrainConfig.from_file(p) for p in sorted((REPO / "training" / "configs").glob("*.yaml"))
-               if not p.name.startswith("accelerate")}  # fmt: skip
+    configs = sorted((REPO / "training" / "configs").glob("*.yaml"))
+    shipped = {
+        p.name: TrainConfig.from_file(p)
+        for p in configs
+        if not p.name.startswith(("accelerate", "segmenter"))
+    }
+    from llmseg_ros.config import SegmenterConfig
+
+    assert SegmenterConfig.from_file(REPO / "training/configs/segmenter_llmseg.yaml").method == "llmseg"
+    assert (
+        json.loads((REPO / "training/configs/deepspeed_zero2.json").read_text())["zero_optimization"]["stage"]
+        == 2
+    )
     assert {
         "reasonseg_llmseg.yaml",
         "llmseg40k_finetune.yaml",
@@ -138,8 +149,11 @@ def test_data_mix_is_stateless_and_follows_the_rates(setup: dict[str, object]) -
     assert abs(np.mean(np.asarray(picks) == 0) - 0.75) < 0.04  # 3 : 1
     first, again = mix[11], DataMix([a, b], seed=7)[11]
     assert (first.source, first.sample.image_id, first.question, first.answer) == (
-        again.source, again.sample.image_id, again.question, again.answer,
-    )  # fmt: skip
+        again.source,
+        again.sample.image_id,
+        again.question,
+        again.answer,
+    )
     assert [mix.choose(p)[:2] for p in range(50)] != [
         DataMix([a, b], seed=8).choose(p)[:2] for p in range(50)
     ]
@@ -159,6 +173,29 @@ def test_data_mix_is_stateless_and_follows_the_rates(setup: dict[str, object]) -
     assert [b for _, b in ranks[0]] == [[0, 1], [4, 5], [8, 9]]
     assert [b for _, b in ranks[1]] == [[2, 3], [6, 7], [10, 11]]
     assert next(rank_positions(5, 1, 2, 2)) == [22, 23]
+
+
+def test_pooling_at_the_grid_equals_the_embedders_pooling(setup: dict[str, object]) -> None:
+    from llmseg_ros.embeddings import MaskEmbedder
+    from llmseg_ros.training.modules import pool_at_grid, upsample_matrix
+
+    models = setup["models"]
+    assert isinstance(models, dict)
+    embedder = MaskEmbedder.load(models["dinov2"], input_size=TINY_EMBED_SIZE)
+    image = np.random.default_rng(0).integers(0, 256, (50, 90, 3), dtype=np.uint8)
+    masks = np.random.default_rng(1).random((4, 50, 90)) > 0.6
+    masks[2] = False  # an empty proposal pools to zeros
+    features = embedder.backbone_features(image)
+    reference = embedder.pool(embedder.project(features), masks)
+    fast = pool_at_grid(embedder, features, masks)
+    torch.testing.assert_close(fast, reference, atol=1e-5, rtol=1e-5)
+    assert torch.equal(fast[2], torch.zeros_like(fast[2]))
+    x = torch.randn(3, 8, 8)
+    a = upsample_matrix(8, 256)
+    up = torch.nn.functional.interpolate(x[None], size=(256, 256), mode="bilinear", align_corners=False)[0]
+    torch.testing.assert_close(a @ x @ a.T, up, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="features must be"):
+        pool_at_grid(embedder, features[:, :4], masks)
 
 
 def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -226,11 +263,17 @@ def test_step_moves_trainable_weights_only_and_export_loads_back(
     assert isinstance(models, dict)
     segmenter = ReasonSegmenter(
         SegmenterConfig(
-            sam_checkpoint=models["sam_checkpoint"], sam_model_type="tiny", dinov2=models["dinov2"],
-            vlm=models["vlm"], weights_dir=str(result.weights_dir), device="cpu", dtype="float32",
-            embed_size=TINY_EMBED_SIZE, proposals=TINY_PROPOSALS,
+            sam_checkpoint=models["sam_checkpoint"],
+            sam_model_type="tiny",
+            dinov2=models["dinov2"],
+            vlm=models["vlm"],
+            weights_dir=str(result.weights_dir),
+            device="cpu",
+            dtype="float32",
+            embed_size=TINY_EMBED_SIZE,
+            proposals=TINY_PROPOSALS,
         )
-    )  # fmt: skip
+    )
     image = generate_split("val", 1, seed=1, config=SYNTHETIC)[0].image
     frame = segmenter.prepare(image)
     answer = segmenter.segment(frame, "whatever has the colour of a banana")
@@ -252,6 +295,7 @@ def trainable_equal(a: Trainer, b: Trainer) -> None:
         assert torch.equal(sa[name], sb[name]), f"{name} differs"
 
 
+@pytest.mark.slow
 def test_resume_reaches_the_same_weights_exactly(setup: dict[str, object], tmp_path: Path) -> None:
     uninterrupted = Trainer(make_config(setup, tmp_path / "a"), progress=False)
     full = uninterrupted.train()
@@ -301,11 +345,23 @@ def _load_script(name: str):
     return module
 
 
+@pytest.mark.slow
 def test_cli_tiny_profile_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """training/train.py with the shipped tiny_smoke config: tiny models, synthetic data, SAM on the fly."""
     script = _load_script("train")
-    args = script.parse_args(["--config", str(REPO / "training/configs/tiny_smoke.yaml"), "--output-dir",
-                              str(tmp_path / "run"), "--set", "lora.r=4", "--set", "max_steps=2", "--no-progress"])  # fmt: skip
+    args = script.parse_args(
+        [
+            "--config",
+            str(REPO / "training/configs/tiny_smoke.yaml"),
+            "--output-dir",
+            str(tmp_path / "run"),
+            "--set",
+            "lora.r=4",
+            "--set",
+            "max_steps=2",
+            "--no-progress",
+        ]
+    )
     config = script.config_from_args(args)
     assert (config.profile, config.lora.r, config.max_steps, config.output_dir) == (
         "tiny",
@@ -315,8 +371,25 @@ def test_cli_tiny_profile_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixtu
     )
     with pytest.raises(ValueError, match="KEY=VALUE"):
         script.apply_override({}, "lr")
-    assert script.main([*map(str, ["--config", REPO / "training/configs/tiny_smoke.yaml", "--output-dir",
-                                   tmp_path / "run", "--max-steps", "2", "--no-progress"])]) == 0  # fmt: skip
+    assert (
+        script.main(
+            [
+                *map(
+                    str,
+                    [
+                        "--config",
+                        REPO / "training/configs/tiny_smoke.yaml",
+                        "--output-dir",
+                        tmp_path / "run",
+                        "--max-steps",
+                        "2",
+                        "--no-progress",
+                    ],
+                )
+            ]
+        )
+        == 0
+    )
     assert "finished 2 steps" in capsys.readouterr().out
     from llmseg_ros.weights import load_weights
 

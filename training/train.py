@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -104,6 +105,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from llmseg_ros.training.trainer import train
 
     result = train(config, progress=not args.no_progress)
+    if os.environ.get("RANK", "0") != "0":  # one report per run (torchrun / accelerate set RANK)
+        return 0
     if result.resumed_from is not None:
         print(f"resumed from {result.resumed_from}")
     if result.finished:

@@ -291,6 +291,9 @@ class ProposalCache:
         """Keys of the available images, in plan order."""
         return iter(self._where)
 
+    def __iter__(self) -> Iterator[str]:
+        return self.keys()
+
     @property
     def is_complete(self) -> bool:
         """Whether every planned shard is finished."""

@@ -120,8 +120,9 @@ class TrainConfig:
             ``no``, ``bf16`` or ``fp16`` — autocast through ``accelerate``.
 
     Losses: ``iou_weight`` (λ_iou 1), ``iop_weight`` (λ_iop 50), ``tau`` (0.05),
-    ``iou_direction`` (``pred_gt`` = the paper's KL(pred ‖ gt), ``gt_pred`` = the released
-    code's), ``lm_weight`` (1).
+    ``iou_direction`` (default ``gt_pred`` = the released code's KL(gt ‖ pred), which the
+    published numbers come from; ``pred_gt`` = the paper's formula read literally),
+    ``lm_weight`` (1).
 
     Run: ``output_dir`` (checkpoints, logs, final weights under ``weights/``),
     ``checkpoint_every`` (optimizer steps; 0 = only at the end), ``keep_checkpoints``,
@@ -160,7 +161,7 @@ class TrainConfig:
     iop_weight: float = 50.0
     lm_weight: float = 1.0
     tau: float = 0.05
-    iou_direction: str = "pred_gt"
+    iou_direction: str = "gt_pred"
 
     output_dir: str = "runs/llmseg"
     checkpoint_every: int = 500

@@ -116,14 +116,6 @@ class Trainer:
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
-        if config.profile == "tiny":
-            config = apply_tiny_profile(config)
-        if not config.sources:
-            raise ValueError(
-                "no data sources: set 'sources' in the config (or use profile 'tiny' for synthetic data)"
-            )
-        self.config = config
-        self.progress = progress
         device = resolve_device(config.device)
         self.precision = resolve_precision(config.precision, device)
         self.accelerator = Accelerator(
@@ -132,6 +124,15 @@ class Trainer:
             cpu=device.type == "cpu",
             step_scheduler_with_optimizer=False,
         )
+        if config.profile == "tiny":
+            with self.accelerator.main_process_first():  # one process writes the tiny models and data
+                config = apply_tiny_profile(config)
+        if not config.sources:
+            raise ValueError(
+                "no data sources: set 'sources' in the config (or use profile 'tiny' for synthetic data)"
+            )
+        self.config = config
+        self.progress = progress
         self.device = self.accelerator.device
         self.output_dir = Path(config.output_dir)
         self.checkpoint_root = self.output_dir / CHECKPOINT_DIR
@@ -159,7 +160,6 @@ class Trainer:
             for param in self.modules.parameters():
                 if param.requires_grad and param.dtype != torch.float32:
                     param.data = param.data.float()
-        self.param_names = list(self.modules.trainable_state())
         params = list(self.modules.trainable_state().values())
         if not params:
             raise RuntimeError("nothing to train: no parameter requires a gradient")
@@ -465,6 +465,7 @@ class Trainer:
                     sums["loss"] += losses["total"].item() / config.grad_accum
                     for key in ("lm", "iou", "iop"):
                         sums[key] += losses[key].item() / config.grad_accum
+                lr = self.scheduler.get_last_lr()[0]  # the rate this step used
                 if not self.accelerator.optimizer_step_was_skipped:
                     self.scheduler.step()
                 self.state.step += 1
@@ -474,7 +475,7 @@ class Trainer:
                     elapsed = time.perf_counter() - window_start
                     record = {
                         "step": self.state.step,
-                        "lr": self.scheduler.get_last_lr()[0],
+                        "lr": lr,
                         **{k: v / window_steps for k, v in sums.items()},
                         "seconds_per_step": elapsed / window_steps,
                     }
@@ -488,6 +489,7 @@ class Trainer:
                     checkpoint = self.save_checkpoint()
         finally:
             bar.close()
+            batches = None  # shuts DataLoader workers down
         finished = self.state.step >= config.max_steps
         weights = self.export() if finished else None
         return TrainResult(

@@ -1,0 +1,185 @@
+"""The whole training loop learns: tiny random models on the synthetic colour task, on CPU.
+
+Setting (chosen so that a few minutes of CPU training are enough, every time):
+
+* data: synthetic scenes (``llmseg_ros.data.synthetic``) with 2–3 flat shapes whose
+  questions name the target only through its colour ("whatever has the colour of a ripe
+  tomato"), phrases only, in our JSONL format; 160 training scenes, 48 held-out scenes;
+* proposals: a tiny random SAM proposes nothing object-like, so the proposal cache is
+  filled with *oracle* proposals — each object, its two halves, the union of all
+  objects (``llmseg_ros.training.oracle``) — through the ordinary precompute path, with
+  the tiny DINOv2's features. Everything downstream is the real code: mask embeddings,
+  the ``<SEG>`` query of the tiny LLaVA, the selector, the losses, the export, and the
+  inference method that loads the exported weights;
+* model: the tiny LLaVA / DINOv2 of ``llmseg_ros.tiny``; its random attention has to learn
+  to carry the instruction into the ``<SEG>`` state, so LoRA covers all four attention
+  projections (r 16) and the query side trains at lr 1e-3 (the proposal side at 1e-4),
+  with the inference prompt as the only template.
+
+Assertions (held-out gIoU, the pipeline's default selection ``iop_threshold``): the trained
+model beats the untrained one by more than 0.3 and always-pick-the-largest-proposal by
+more than 0.15 (measured: 0.726 vs 0.134 and 0.402 with seed 0; 0.705 vs 0.240 and 0.474
+with seed 1; about 45 s on two CPU cores).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from llmseg_ros.config import LoraSettings
+from llmseg_ros.data.jsonl import JsonlDataset, read_jsonl_records
+from llmseg_ros.data.sample import Sample
+from llmseg_ros.data.synthetic import SyntheticConfig, generate_split, write_synthetic_dataset
+from llmseg_ros.methods.llmseg import LLMSegMethod
+from llmseg_ros.training.cache import ProposalCache
+from llmseg_ros.training.config import DataSource, TrainConfig
+from llmseg_ros.training.modules import build_tiny_models
+from llmseg_ros.training.oracle import OracleProposals, pixel_key
+from llmseg_ros.training.precompute import precompute_cache
+from llmseg_ros.types import Proposals
+
+TASK = SyntheticConfig(image_size=112, min_objects=2, max_objects=3, families=("colour",), sentence_prob=0.0)
+TRAIN_SCENES, VAL_SCENES = 160, 48
+EMBED_SIZE = 112
+STEPS = 700
+
+
+class CachedProposals:
+    """A proposal "generator" for the inference method: the cached proposals of known images."""
+
+    def __init__(self, cache: ProposalCache, samples: list[Sample]) -> None:
+        self._by_pixels = {}
+        for sample in samples:
+            assert sample.image_path is not None
+            self._by_pixels[pixel_key(sample.image)] = cache.lookup(
+                sample.image_path, with_features=False
+            ).proposals
+
+    def generate(self, image: np.ndarray) -> Proposals:
+        return self._by_pixels[pixel_key(image)]
+
+
+def giou(samples: list[Sample], predict: Callable[[Sample], np.ndarray]) -> float:
+    from llmseg_ros.evaluation import evaluate_samples
+
+    summary, _ = evaluate_samples(samples, predict)
+    return float(summary["giou"])
+
+
+def method_from_weights(
+    weights_dir: Path, models: dict[str, str], generator: CachedProposals
+) -> LLMSegMethod:
+    """The inference method (LLMSegMethod) on exported weights, as the pipeline builds it."""
+    from llmseg_ros.components import Components
+    from llmseg_ros.config import SegmenterConfig
+    from llmseg_ros.heads import TextProjection
+    from llmseg_ros.selector import ProposalSelector
+
+    components = Components(
+        SegmenterConfig(
+            sam_checkpoint=models["sam_checkpoint"],
+            sam_model_type="tiny",
+            dinov2=models["dinov2"],
+            vlm=models["vlm"],
+            weights_dir=str(weights_dir),
+            device="cpu",
+            dtype="float32",
+            embed_size=EMBED_SIZE,
+        )
+    )
+    weights = components.trained_weights()
+    projection = TextProjection(weights.manifest.hidden_size)
+    projection.load_state_dict(weights.state_dicts["projection"])
+    selector = ProposalSelector()
+    selector.load_state_dict(weights.state_dicts["selector"])
+    return LLMSegMethod(generator, components.mask_embedder(), components.seg_vlm(), projection, selector)  # type: ignore[arg-type]
+
+
+@pytest.mark.slow
+def test_training_learns_the_synthetic_task(tmp_path: Path) -> None:
+    import torch
+
+    from llmseg_ros.embeddings import MaskEmbedder
+    from llmseg_ros.methods.base import SegmentRequest
+    from llmseg_ros.training.trainer import Trainer
+
+    torch.set_num_threads(2)
+    models = build_tiny_models(tmp_path / "models")
+    files = write_synthetic_dataset(
+        tmp_path / "data", {"train": TRAIN_SCENES, "val": VAL_SCENES}, seed=0, config=TASK
+    )
+    scenes = generate_split("train", TRAIN_SCENES, seed=0, config=TASK) + generate_split(
+        "val", VAL_SCENES, seed=0, config=TASK
+    )
+    oracle = OracleProposals(scenes)
+    embedder = MaskEmbedder.load(models["dinov2"], input_size=EMBED_SIZE)
+    for split in ("train", "val"):
+        paths = sorted({str(r.image_path) for r in read_jsonl_records(files[split])})
+        precompute_cache(
+            paths,
+            tmp_path / f"cache_{split}",
+            oracle,
+            features=lambda image: embedder.backbone_features(image).numpy(),
+            feature_model=models["dinov2"],
+            feature_input_size=EMBED_SIZE,
+            shard_size=64,
+            progress=False,
+        )
+
+    config = TrainConfig(
+        sources=[
+            DataSource(
+                kind="jsonl",
+                path=str(files["train"]),
+                cache=str(tmp_path / "cache_train"),
+                templates="inference",
+            )
+        ],
+        vlm=models["vlm"],
+        dinov2=models["dinov2"],
+        embed_size=EMBED_SIZE,
+        lora=LoraSettings(r=16, alpha=32, target_modules=("q_proj", "k_proj", "v_proj", "o_proj")),
+        lr=1e-3,
+        head_lr=1e-4,
+        warmup_steps=35,
+        max_steps=STEPS,
+        batch_size=1,
+        grad_accum=1,
+        iou_direction="gt_pred",
+        checkpoint_every=0,
+        log_every=50,
+        output_dir=str(tmp_path / "run"),
+        device="cpu",
+        seed=0,
+    )
+    trainer = Trainer(config, progress=False)
+    untrained_dir = trainer.export(tmp_path / "untrained")
+    result = trainer.train()
+    assert result.finished and result.weights_dir is not None
+
+    val = list(JsonlDataset(files["val"]))
+    generator = CachedProposals(ProposalCache(tmp_path / "cache_val"), val)
+
+    def predictor(method: LLMSegMethod) -> Callable[[Sample], np.ndarray]:
+        def predict(sample: Sample) -> np.ndarray:
+            frame = method.prepare(sample.image)
+            return method.segment(
+                frame, SegmentRequest(sample.instruction, is_sentence=sample.is_sentence)
+            ).mask
+
+        return predict
+
+    largest = giou(val, lambda s: generator.generate(s.image).masks[0])
+    untrained = giou(val, predictor(method_from_weights(untrained_dir, models, generator)))
+    trained = giou(val, predictor(method_from_weights(result.weights_dir, models, generator)))
+    history = [(h["step"], round(h["iou"], 3), round(h["iop"], 4)) for h in result.history]
+    message = (
+        f"gIoU trained {trained:.3f}, untrained {untrained:.3f}, largest {largest:.3f}; losses {history}"
+    )
+    print(message)
+    assert trained > untrained + 0.3, message
+    assert trained > largest + 0.15, message
