@@ -99,6 +99,10 @@ def test_config_validation_fingerprint_and_shipped_configs(tmp_path: Path) -> No
         TrainConfig(warmup_steps=10, max_steps=10)
     with pytest.raises(ValueError, match="precision must be one of"):
         TrainConfig(precision="fp8")
+    with pytest.raises(ValueError, match=r"method must be one of \['llmseg', 'lisa'\], got 'grounded'"):
+        TrainConfig(method="grounded")
+    with pytest.raises(ValueError, match="dice_weight must be >= 0"):
+        TrainConfig(dice_weight=-1)
     config = TrainConfig.from_dict(
         {"sources": [{"kind": "jsonl", "path": "a.jsonl", "rate": 2}], "lora": {"r": 4}}
     )
@@ -116,6 +120,8 @@ def test_config_validation_fingerprint_and_shipped_configs(tmp_path: Path) -> No
     from llmseg_ros.config import SegmenterConfig
 
     assert SegmenterConfig.from_file(REPO / "training/configs/segmenter_llmseg.yaml").method == "llmseg"
+    lisa_eval = SegmenterConfig.from_file(REPO / "training/configs/segmenter_lisa.yaml")
+    assert lisa_eval.method == "lisa" and lisa_eval.weights_dir == "runs/lisa_reasonseg/weights"
     assert (
         json.loads((REPO / "training/configs/deepspeed_zero2.json").read_text())["zero_optimization"]["stage"]
         == 2
@@ -139,6 +145,16 @@ def test_config_validation_fingerprint_and_shipped_configs(tmp_path: Path) -> No
     finetune = shipped["llmseg40k_finetune.yaml"]
     assert (finetune.lr, finetune.max_steps, finetune.sources[0].kind) == (1e-5, 2500, "llmseg40k")
     assert finetune.init_weights == paper.output_dir + "/weights"
+    lisa = shipped["reasonseg_lisa.yaml"]
+    assert (lisa.method, lisa.lr, lisa.batch_size, lisa.grad_accum, lisa.bce_weight, lisa.dice_weight) == (
+        "lisa",
+        3e-4,
+        2,
+        10,
+        2.0,
+        0.5,
+    )
+    assert [(s.name, s.rate) for s in lisa.sources] == [("sem_seg", 9), ("refer_seg", 3), ("reason_seg", 1)]
 
 
 def test_data_mix_is_stateless_and_follows_the_rates(setup: dict[str, object]) -> None:
@@ -215,7 +231,7 @@ def test_step_moves_trainable_weights_only_and_export_loads_back(
         progress=False,
     )
     modules = trainer.modules
-    assert trainer.models.proposal_fn is not None
+    assert trainer.modules.proposal_fn is not None
     vlm_before = snapshot(modules.seg_vlm.model)
     backbone_before = snapshot(modules.embedder.backbone)
     heads_before = {n: snapshot(getattr(modules, n)) for n in ("projection", "mask_proj", "selector")}
@@ -397,3 +413,99 @@ def test_cli_tiny_profile_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert weights.manifest.sam_model_type == "tiny" and weights.adapter_dir is not None
     assert (tmp_path / "run" / "synthetic" / "jsonl" / "train.jsonl").is_file()
     assert json.loads((tmp_path / "run" / "train_config.json").read_text())["profile"] == "tiny"
+
+
+@pytest.mark.slow
+def test_lisa_training_learns_keeps_sam_frozen_and_exports_for_the_pipeline(
+    setup: dict[str, object], tmp_path: Path
+) -> None:
+    """method: lisa — same script and data; LM + 2·BCE + 0.5·Dice; SAM's encoders frozen."""
+    from llmseg_ros.config import SegmenterConfig
+    from llmseg_ros.pipeline import ReasonSegmenter
+    from llmseg_ros.sam_prompting import encode_image
+    from llmseg_ros.training.modules import LisaTrainModules
+    from llmseg_ros.weights import load_weights
+
+    config = make_config(
+        setup, tmp_path / "lisa", method="lisa", max_steps=12, grad_accum=1, batch_size=2, checkpoint_every=0
+    )
+    trainer = Trainer(config, progress=False)
+    modules = trainer.modules
+    assert isinstance(modules, LisaTrainModules)
+    assert trainer.mix.caches == [None]  # LISA ignores the proposal cache
+    trainable = set(modules.trainable_state())
+    assert any(n.startswith("head.projection.") for n in trainable)
+    assert any(n.startswith("head.mask_decoder.") for n in trainable)
+    assert any(".lora_A." in n for n in trainable) and any("lm_head.modules_to_save" in n for n in trainable)
+    sam = modules.head.sam
+    assert not any(p.requires_grad for p in sam.parameters())
+    sam_before = snapshot(sam)
+    decoder_before = snapshot(modules.head.mask_decoder)
+
+    fixed = trainer.prepare_batch([trainer.mix[p] for p in range(4)])
+    with torch.no_grad():
+        before = modules(fixed)
+    assert before["total"].item() == pytest.approx(
+        before["lm"].item() + 2.0 * before["bce"].item() + 0.5 * before["dice"].item(), rel=1e-5
+    )
+    result = trainer.train()
+    assert result.finished and {"loss", "lm", "bce", "dice", "lr"} <= set(result.history[0])
+    with torch.no_grad():
+        after = modules(fixed)
+    assert after["bce"].item() + after["dice"].item() < 0.8 * (before["bce"].item() + before["dice"].item())
+    for name, p in sam.named_parameters():
+        assert torch.equal(p, sam_before[name]), f"frozen SAM parameter {name} moved"
+    still = sorted(
+        {
+            n.rsplit(".", 2)[0]
+            for n, p in modules.head.mask_decoder.named_parameters()
+            if torch.equal(p, decoder_before[n])
+        }
+    )
+    # Single-mask output and no IoU loss (as in LISA): the IoU head and the hypernetworks of
+    # the three multimask outputs get no gradient; everything else in the decoder moved.
+    assert still == [
+        "iou_prediction_head.layers",
+        "output_hypernetworks_mlps.1.layers",
+        "output_hypernetworks_mlps.2.layers",
+        "output_hypernetworks_mlps.3.layers",
+    ]
+
+    assert result.weights_dir is not None
+    loaded = load_weights(result.weights_dir)
+    assert loaded.manifest.method == "lisa" and loaded.manifest.sam_model_type == "tiny"
+    assert set(loaded.state_dicts) == {"projection", "mask_decoder"}
+    for key, module in (("projection", modules.head.projection), ("mask_decoder", modules.head.mask_decoder)):
+        assert all(torch.equal(loaded.state_dicts[key][k], v) for k, v in module.state_dict().items())
+
+    with pytest.raises(ValueError, match="hold 'lisa' weights, not 'llmseg'"):
+        Trainer(make_config(setup, tmp_path / "wrong", init_weights=str(result.weights_dir)), progress=False)
+    again = Trainer(
+        dataclasses.replace(config, init_weights=str(result.weights_dir), output_dir=str(tmp_path / "again")),
+        progress=False,
+    )
+    assert isinstance(again.modules, LisaTrainModules)
+    for name, p in again.modules.head.mask_decoder.state_dict().items():
+        assert torch.equal(p, modules.head.mask_decoder.state_dict()[name])
+
+    models = setup["models"]
+    assert isinstance(models, dict)
+    segmenter = ReasonSegmenter(
+        SegmenterConfig(
+            method="lisa",
+            sam_checkpoint=models["sam_checkpoint"],
+            sam_model_type="tiny",
+            vlm=models["vlm"],
+            weights_dir=str(result.weights_dir),
+            device="cpu",
+            dtype="float32",
+        )
+    )
+    image = generate_split("val", 1, seed=1, config=SYNTHETIC)[0].image
+    answer = segmenter.segment(segmenter.prepare(image), "whatever has the colour of a banana")
+    modules.eval()
+    with torch.no_grad():
+        hidden = modules.seg_vlm.seg_hidden(image, "whatever has the colour of a banana")
+        logits, iou = modules.head(encode_image(sam, image), hidden[None])
+    np.testing.assert_array_equal(answer.mask, (logits[0] > 0).numpy())
+    assert answer.confidence == pytest.approx(float(np.clip(iou[0].item(), 0.0, 1.0)), abs=1e-5)

@@ -23,6 +23,7 @@ PRECISIONS = ("auto", "no", "bf16", "fp16")
 PROFILES = ("custom", "tiny")
 IOU_DIRECTIONS = ("pred_gt", "gt_pred")
 RESUME_MODES = ("auto", "never")
+TRAIN_METHODS = ("llmseg", "lisa")
 
 
 @dataclass
@@ -91,12 +92,18 @@ class DataSource:
 class TrainConfig:
     """Everything a training run needs.
 
+    Method: ``method`` — ``llmseg`` (selector over SAM proposals; the default) or
+    ``lisa`` (the ``<SEG>`` embedding prompts a trainable copy of SAM's mask decoder; the
+    SAM image encoder stays frozen, no proposals or caches are used, ``sam_checkpoint``
+    is required).
+
     Models:
         vlm: hub id or directory of the LLaVA model (``LlavaForConditionalGeneration``).
         dinov2: hub id or directory of DINOv2 (frozen; only used when a cache holds no
             features).
         embed_size: DINOv2 input long side (896).
-        sam_checkpoint / sam_model_type / proposals: SAM for sources without a cache.
+        sam_checkpoint / sam_model_type / proposals: SAM for sources without a cache
+            (LLM-Seg), or the SAM whose mask decoder LISA fine-tunes.
         lora: LoRA settings of the VLM (r 8, α 16, dropout 0.05 on q_proj, v_proj).
         init_weights: a weights directory (``llmseg_ros.weights`` format) to start from,
             e.g. the ReasonSeg model when fine-tuning on LLM-Seg40K; ``None`` = fresh heads
@@ -107,9 +114,10 @@ class TrainConfig:
 
     Optimisation (LLM-Seg: AdamW lr 1e-4, WarmupDecayLR, batch 1 × 10 accumulation):
         lr, betas, weight_decay, eps: AdamW.
-        head_lr: learning rate of the proposal side (selector and ``mask_proj``) when it
-            should differ from the query side's (VLM adapter, embeddings, LM head, text
-            projection); ``None`` = ``lr`` for everything, as the paper trains.
+        head_lr: learning rate of the mask side (LLM-Seg: selector and ``mask_proj``;
+            LISA: the mask decoder) when it should differ from the query side's (VLM
+            adapter, embeddings, LM head, text projection); ``None`` = ``lr`` for
+            everything, as the papers train.
         warmup_steps: linear warm-up from 0 to ``lr`` over these optimizer steps, then a
             linear decay to 0 at ``max_steps`` (DeepSpeed's WarmupDecayLR, linear type).
         max_steps: optimizer steps of the whole run.
@@ -122,7 +130,8 @@ class TrainConfig:
     Losses: ``iou_weight`` (λ_iou 1), ``iop_weight`` (λ_iop 50), ``tau`` (0.05),
     ``iou_direction`` (default ``gt_pred`` = the released code's KL(gt ‖ pred), which the
     published numbers come from; ``pred_gt`` = the paper's formula read literally),
-    ``lm_weight`` (1).
+    ``lm_weight`` (1); LISA: ``bce_weight`` (2.0) and ``dice_weight`` (0.5) on the mask,
+    plus ``lm_weight`` on the text.
 
     Run: ``output_dir`` (checkpoints, logs, final weights under ``weights/``),
     ``checkpoint_every`` (optimizer steps; 0 = only at the end), ``keep_checkpoints``,
@@ -134,6 +143,7 @@ class TrainConfig:
     """
 
     sources: list[DataSource] = field(default_factory=list)
+    method: str = "llmseg"
     vlm: str = "llava-hf/llava-1.5-7b-hf"
     dinov2: str = "facebook/dinov2-large"
     embed_size: int = 896
@@ -162,6 +172,8 @@ class TrainConfig:
     lm_weight: float = 1.0
     tau: float = 0.05
     iou_direction: str = "gt_pred"
+    bce_weight: float = 2.0
+    dice_weight: float = 0.5
 
     output_dir: str = "runs/llmseg"
     checkpoint_every: int = 500
@@ -202,7 +214,15 @@ class TrainConfig:
         for name in ("lr", "tau"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
-        for name in ("weight_decay", "iou_weight", "iop_weight", "lm_weight", "eps"):
+        for name in (
+            "weight_decay",
+            "iou_weight",
+            "iop_weight",
+            "lm_weight",
+            "eps",
+            "bce_weight",
+            "dice_weight",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         for name in ("max_steps", "batch_size", "grad_accum", "log_every", "keep_checkpoints"):
@@ -224,6 +244,7 @@ class TrainConfig:
             ("profile", PROFILES),
             ("iou_direction", IOU_DIRECTIONS),
             ("resume", RESUME_MODES),
+            ("method", TRAIN_METHODS),
         )
         for name, allowed in choices:
             if getattr(self, name) not in allowed:

@@ -110,6 +110,8 @@ class DataMix(torch.utils.data.Dataset[TrainExample]):
         datasets: pre-opened readers (same order as ``sources``); opened from the
             sources when ``None``.
         use_features: read cached backbone features when the caches hold them.
+        with_proposals: attach cached proposals and their targets (LLM-Seg); ``False``
+            ignores the caches (LISA needs only the ground-truth masks).
     """
 
     def __init__(
@@ -119,6 +121,7 @@ class DataMix(torch.utils.data.Dataset[TrainExample]):
         *,
         datasets: Sequence[Sequence[Sample]] | None = None,
         use_features: bool = True,
+        with_proposals: bool = True,
     ) -> None:
         if not sources:
             raise ValueError("the training mix needs at least one data source (config 'sources')")
@@ -130,7 +133,8 @@ class DataMix(torch.utils.data.Dataset[TrainExample]):
         rates = np.asarray([s.rate for s in self.sources], dtype=np.float64)
         self.probabilities = rates / rates.sum()
         self.caches: list[CacheSet | None] = [
-            CacheSet([ProposalCache(d) for d in s.cache_dirs]) if s.cache_dirs else None for s in self.sources
+            CacheSet([ProposalCache(d) for d in s.cache_dirs]) if s.cache_dirs and with_proposals else None
+            for s in self.sources
         ]
         self.use_features = use_features
 

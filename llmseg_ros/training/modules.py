@@ -1,15 +1,18 @@
 """The models of a training run and the one ``nn.Module`` that holds everything trained.
 
-Trained (LLM-Seg): the VLM's LoRA adapter with its ``embed_tokens`` / ``lm_head`` copies
-(as :meth:`llmseg_ros.vlm.SegVLM.load` with ``trainable=True`` sets them up), the text
-projection (h → h → 256), the mask-embedding 1×1 projection (``mask_proj``, DINOv2 1024 →
-256) and the selector (fusion + IoU / IoP heads). Frozen: the LLaVA base weights, DINOv2,
-SAM. :class:`TrainModules` registers exactly the trained parts, so ``accelerate`` (DDP,
-DeepSpeed) wraps and synchronises only them, and its ``forward`` computes the whole loss.
+Both methods train the VLM's LoRA adapter with its ``embed_tokens`` / ``lm_head`` copies
+(as :meth:`llmseg_ros.vlm.SegVLM.load` with ``trainable=True`` sets them up) and the text
+projection (h → h → 256). LLM-Seg (:class:`TrainModules`) adds the mask-embedding 1×1
+projection (``mask_proj``, DINOv2 1024 → 256) and the selector (fusion + IoU / IoP heads);
+LISA (:class:`LisaTrainModules`) adds a copy of SAM's mask decoder. Frozen: the LLaVA base
+weights, DINOv2, SAM's image and prompt encoders. Each module registers exactly the
+trained parts, so ``accelerate`` (DDP, DeepSpeed) wraps and synchronises only them, and
+its ``forward`` computes the whole loss.
 """
 
 from __future__ import annotations
 
+import abc
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,10 +29,16 @@ from llmseg_ros.training.config import DataSource, TrainConfig
 from llmseg_ros.types import Proposals
 
 if TYPE_CHECKING:
+    from segment_anything.modeling import Sam
+
     from llmseg_ros.embeddings import MaskEmbedder
     from llmseg_ros.heads import TextProjection
+    from llmseg_ros.methods.lisa import LisaMaskHead
+    from llmseg_ros.sam_prompting import SamImageEncoding
     from llmseg_ros.selector import ProposalSelector
+    from llmseg_ros.training.datamix import TrainExample
     from llmseg_ros.vlm import SegVLM
+    from llmseg_ros.weights import LoadedWeights
 
 TINY_MARKER = "tiny_models.json"
 TINY_VERSION = 1
@@ -125,17 +134,89 @@ def pool_at_grid(embedder: MaskEmbedder, features: torch.Tensor, masks: np.ndarr
     return pooled / (weights.sum(dim=(1, 2))[:, None] + POOL_EPS)
 
 
-class TrainModules(nn.Module):
+class SegTrainModules(nn.Module, abc.ABC):
+    """What every method trains on the VLM side, and the interface the trainer drives.
+
+    Submodule ``vlm`` is the peft-wrapped LLaVA (LoRA adapter, ``embed_tokens`` /
+    ``lm_head`` copies trainable); the :class:`SegVLM` wrapper is a plain attribute.
+    Subclasses add the method's heads as submodules and define the batch, the losses and
+    what is exported.
+
+    Class attributes:
+        method: the method name written to the weights manifest.
+        loss_names: the unweighted loss terms ``forward`` returns besides ``total``.
+        mask_side: parameter-name prefixes trained at ``head_lr``.
+    """
+
+    method = ""
+    loss_names: tuple[str, ...] = ()
+    mask_side: tuple[str, ...] = ()
+    seg_vlm: SegVLM
+
+    def __init__(self, vlm: SegVLM) -> None:
+        super().__init__()
+        self.vlm = vlm.model
+        object.__setattr__(self, "seg_vlm", vlm)
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """name → parameter of every trainable parameter (live tensors, not copies)."""
+        return {name: p for name, p in self.named_parameters() if p.requires_grad}
+
+    def seg_query(
+        self, images: list[np.ndarray], conversations: list[tuple[str, str]]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The LM cross-entropy and the (B, hidden) ``<SEG>`` hidden state of each sample.
+
+        Raises:
+            ValueError: an answer does not hold exactly one ``<SEG>``.
+        """
+        lm, seg_hidden, batch_index = self.seg_vlm.training_forward(images, conversations)
+        expected = torch.arange(len(images), device=batch_index.device)
+        if batch_index.shape != expected.shape or not torch.equal(batch_index, expected):
+            raise ValueError(
+                f"every answer must hold exactly one <SEG>; got <SEG> rows for samples {batch_index.tolist()}"
+            )
+        return lm, seg_hidden
+
+    @abc.abstractmethod
+    def prepare_batch(self, examples: list[TrainExample], device: torch.device) -> Any:
+        """Turn data-stream examples into this method's batch (run outside autocast)."""
+
+    @abc.abstractmethod
+    def export_modules(self) -> dict[str, nn.Module]:
+        """name → module stored in ``heads.safetensors`` under ``name.*``."""
+
+    @abc.abstractmethod
+    def manifest_fields(self) -> dict[str, Any]:
+        """Method-specific :class:`~llmseg_ros.weights.WeightsManifest` fields."""
+
+    def weighted_total(self, losses: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:
+        """``Σ weights[name] · losses[name]`` over :attr:`loss_names`."""
+        first, *rest = self.loss_names
+        total = weights[first] * losses[first]
+        for name in rest:
+            total = total + weights[name] * losses[name]
+        return total
+
+
+class TrainModules(SegTrainModules):
     """Every trained part of LLM-Seg as one module; ``forward`` returns the losses.
 
     Submodules: ``vlm`` (the peft-wrapped LLaVA), ``projection``, ``mask_proj`` (the
-    embedder's 1×1 convolution) and ``selector``. The :class:`SegVLM` and
-    :class:`MaskEmbedder` wrappers are kept as plain attributes (not submodules), so the
-    frozen DINOv2 backbone is not part of this module.
+    embedder's 1×1 convolution) and ``selector``. The :class:`MaskEmbedder` wrapper is
+    kept as a plain attribute (not a submodule), so the frozen DINOv2 backbone is not
+    part of this module.
+
+    Args:
+        proposal_fn: the proposal stage for examples whose source has no cache
+            (``None`` when every source is cached).
     """
 
-    seg_vlm: SegVLM
+    method = "llmseg"
+    loss_names = ("lm", "iou", "iop")
+    mask_side = ("selector.", "mask_proj.")
     embedder: MaskEmbedder
+    proposal_fn: Callable[[np.ndarray], Proposals] | None
 
     def __init__(
         self,
@@ -148,22 +229,18 @@ class TrainModules(nn.Module):
         iop_weight: float = 50.0,
         lm_weight: float = 1.0,
         tau: float = 0.05,
-        iou_direction: str = "pred_gt",
+        iou_direction: str = "gt_pred",
+        proposal_fn: Callable[[np.ndarray], Proposals] | None = None,
     ) -> None:
-        super().__init__()
-        self.vlm = vlm.model
+        super().__init__(vlm)
         self.projection = projection
         self.mask_proj = embedder.proj
         self.selector = selector
-        object.__setattr__(self, "seg_vlm", vlm)
         object.__setattr__(self, "embedder", embedder)
+        object.__setattr__(self, "proposal_fn", proposal_fn)
         self.weights = {"iou": iou_weight, "iop": iop_weight, "lm": lm_weight}
         self.tau = tau
         self.iou_direction = iou_direction
-
-    def trainable_state(self) -> dict[str, torch.Tensor]:
-        """name → parameter of every trainable parameter (live tensors, not copies)."""
-        return {name: p for name, p in self.named_parameters() if p.requires_grad}
 
     def mask_embeddings(
         self, features: list[torch.Tensor], masks: list[np.ndarray]
@@ -178,17 +255,42 @@ class TrainModules(nn.Module):
             padding[i, : p.shape[0]] = False
         return out, padding
 
+    def prepare_batch(self, examples: list[TrainExample], device: torch.device) -> Batch:
+        """Fill in proposals / features that were not cached and build the padded targets."""
+        from llmseg_ros.training.datamix import add_targets
+
+        features: list[torch.Tensor] = []
+        for example in examples:
+            if example.proposals is None:
+                if self.proposal_fn is None:
+                    raise ValueError(
+                        f"example from source {example.source!r} has no cached proposals and no SAM is loaded"
+                    )
+                add_targets(example, self.proposal_fn(example.sample.image))
+            if example.features is None:
+                features.append(self.embedder.backbone_features(example.sample.image))
+            else:
+                features.append(torch.from_numpy(example.features).to(device))
+        ious = [e.iou for e in examples]
+        iops = [e.iop for e in examples]
+        assert all(v is not None for v in ious) and all(v is not None for v in iops)
+        iou, iop, padding = pad_targets(ious, iops, device)  # type: ignore[arg-type]
+        return Batch(
+            images=[e.sample.image for e in examples],
+            conversations=[(e.question, e.answer) for e in examples],
+            features=features,
+            masks=[e.proposals.masks for e in examples if e.proposals is not None],
+            iou=iou,
+            iop=iop,
+            padding=padding,
+        )
+
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         """Losses of one micro-batch: ``total``, ``lm``, ``iou``, ``iop`` (scalars, float32).
 
         ``total = λ_lm·lm + λ_iou·iou + λ_iop·iop`` (LLM-Seg eq. 4 plus the LM cross-entropy).
         """
-        lm, seg_hidden, batch_index = self.seg_vlm.training_forward(batch.images, batch.conversations)
-        expected = torch.arange(len(batch.images), device=batch_index.device)
-        if batch_index.shape != expected.shape or not torch.equal(batch_index, expected):
-            raise ValueError(
-                f"every answer must hold exactly one <SEG>; got <SEG> rows for samples {batch_index.tolist()}"
-            )
+        lm, seg_hidden = self.seg_query(batch.images, batch.conversations)
         query = self.projection(seg_hidden.to(next(self.projection.parameters()).dtype))  # (B, 256)
         embeddings, padding = self.mask_embeddings(batch.features, batch.masks)
         if padding.shape != batch.padding.shape or not torch.equal(padding.cpu(), batch.padding.cpu()):
@@ -206,56 +308,150 @@ class TrainModules(nn.Module):
             tau=self.tau,
             iou_direction=self.iou_direction,
         )
-        losses["total"] = (
-            self.weights["lm"] * losses["lm"]
-            + self.weights["iou"] * losses["iou"]
-            + self.weights["iop"] * losses["iop"]
-        )
+        losses["total"] = self.weighted_total(losses, self.weights)
         return losses
+
+    def export_modules(self) -> dict[str, nn.Module]:
+        return {"projection": self.projection, "selector": self.selector, "mask_proj": self.mask_proj}
+
+    def manifest_fields(self) -> dict[str, Any]:
+        return {"embed_dim": self.embedder.out_dim}
 
 
 @dataclass
-class Models:
-    """The loaded models of a run (trained parts inside ``modules``)."""
+class LisaBatch:
+    """One LISA micro-batch.
 
-    vlm: SegVLM
-    embedder: MaskEmbedder
-    projection: TextProjection
-    selector: ProposalSelector
-    proposal_fn: Callable[[np.ndarray], Proposals] | None
+    Attributes:
+        images: B (H, W, 3) uint8 RGB images.
+        conversations: B (question, answer) pairs; each answer holds one ``<SEG>``.
+        encodings: B frozen SAM image encodings (no gradient).
+        gt_masks: B (H_b, W_b) uint8 ground truth (0/1, 255 = ignore) on the device.
+    """
+
+    images: list[np.ndarray]
+    conversations: list[tuple[str, str]]
+    encodings: list[SamImageEncoding]
+    gt_masks: list[torch.Tensor]
 
 
-def build_models(
+class LisaTrainModules(SegTrainModules):
+    """Every trained part of LISA: the VLM side and :class:`LisaMaskHead` (``head``).
+
+    ``head.projection`` (h → h → 256, LISA's ``text_hidden_fcs``) and ``head.mask_decoder``
+    (a trainable copy of SAM's) are submodules; SAM's image and prompt encoders stay
+    frozen outside this module. Losses (LISA eq. 3): ``λ_lm·lm + λ_bce·bce + λ_dice·dice``
+    with the mask terms averaged over the batch's masks, at each image's resolution.
+    """
+
+    method = "lisa"
+    loss_names = ("lm", "bce", "dice")
+    mask_side = ("head.mask_decoder.",)
+
+    def __init__(
+        self,
+        vlm: SegVLM,
+        head: LisaMaskHead,
+        *,
+        lm_weight: float = 1.0,
+        bce_weight: float = 2.0,
+        dice_weight: float = 0.5,
+        sam_model_type: str = "vit_h",
+    ) -> None:
+        super().__init__(vlm)
+        self.head = head
+        self.weights = {"lm": lm_weight, "bce": bce_weight, "dice": dice_weight}
+        self.sam_model_type = sam_model_type
+
+    def prepare_batch(self, examples: list[TrainExample], device: torch.device) -> LisaBatch:
+        """Encode each image with the frozen SAM image encoder; move the masks to ``device``."""
+        from llmseg_ros.sam_prompting import encode_image
+
+        return LisaBatch(
+            images=[e.sample.image for e in examples],
+            conversations=[(e.question, e.answer) for e in examples],
+            encodings=[encode_image(self.head.sam, e.sample.image) for e in examples],
+            gt_masks=[torch.from_numpy(np.ascontiguousarray(e.sample.mask)).to(device) for e in examples],
+        )
+
+    def forward(self, batch: LisaBatch) -> dict[str, torch.Tensor]:
+        """Losses of one micro-batch: ``total``, ``lm``, ``bce``, ``dice`` (scalars, float32)."""
+        from llmseg_ros.methods.lisa import lisa_mask_loss
+
+        lm, seg_hidden = self.seg_query(batch.images, batch.conversations)
+        bce = dice = torch.zeros((), device=seg_hidden.device)
+        for i, (encoding, gt) in enumerate(zip(batch.encodings, batch.gt_masks)):
+            logits, _ = self.head(encoding, seg_hidden[i : i + 1])  # (1, H, W)
+            terms = lisa_mask_loss(logits, gt[None])
+            bce = bce + terms["bce"]
+            dice = dice + terms["dice"]
+        losses = {"lm": lm.float(), "bce": bce / len(batch.gt_masks), "dice": dice / len(batch.gt_masks)}
+        losses["total"] = self.weighted_total(losses, self.weights)
+        return losses
+
+    def export_modules(self) -> dict[str, nn.Module]:
+        return {"projection": self.head.projection, "mask_decoder": self.head.mask_decoder}
+
+    def manifest_fields(self) -> dict[str, Any]:
+        return {"embed_dim": self.head.sam.prompt_encoder.embed_dim, "sam_model_type": self.sam_model_type}
+
+
+def _initial_weights(config: TrainConfig) -> LoadedWeights | None:
+    """``init_weights`` read back and checked against the run's method."""
+    if config.init_weights is None:
+        return None
+    from llmseg_ros.weights import load_weights
+
+    init = load_weights(config.init_weights)
+    if init.manifest.method != config.method:
+        raise ValueError(
+            f"init_weights {config.init_weights} hold {init.manifest.method!r} weights, not {config.method!r}"
+        )
+    if init.adapter_dir is None:
+        raise ValueError(f"init_weights {config.init_weights} hold no VLM adapter (adapter/)")
+    return init
+
+
+def _load_init_state(init: LoadedWeights, config: TrainConfig, modules: dict[str, nn.Module]) -> None:
+    for name, module in modules.items():
+        state = init.state_dicts.get(name)
+        if state is None:
+            raise ValueError(f"init_weights {config.init_weights} hold no '{name}.*' tensors")
+        module.load_state_dict(state)
+
+
+def _load_sam(config: TrainConfig, device: torch.device, why: str) -> Sam:
+    if config.sam_checkpoint is None:
+        raise ValueError(f"{why}, but sam_checkpoint is not set")
+    from llmseg_ros.sam import build_sam
+
+    return build_sam(config.sam_model_type, config.sam_checkpoint, device)
+
+
+def build_train_modules(
     config: TrainConfig,
     device: torch.device,
     dtype: torch.dtype,
     *,
     need_proposals: bool,
-) -> Models:
-    """Load the VLM (LoRA, trainable), DINOv2 and the fresh or initial heads.
+) -> SegTrainModules:
+    """Load the models of ``config.method`` and return the module holding what it trains.
+
+    The VLM is loaded with a trainable LoRA adapter (from ``init_weights`` when given).
+    LLM-Seg: DINOv2 (frozen) with fresh or initial ``mask_proj``, projection and
+    selector; SAM and its proposal generator only when ``need_proposals`` (some source
+    has no cache). LISA: SAM (frozen) and a :class:`LisaMaskHead` with fresh or initial
+    projection and mask decoder (SAM's own decoder weights when fresh, as LISA starts).
 
     Args:
-        config: the run's configuration (models, LoRA, ``init_weights``).
+        config: the run's configuration (method, models, LoRA, losses, ``init_weights``).
         device: where everything lives.
         dtype: dtype of the frozen VLM and DINOv2 weights.
-        need_proposals: also load SAM and its proposal generator (some source has no cache).
+        need_proposals: LLM-Seg only: load SAM's proposal stage for uncached sources.
     """
-    from llmseg_ros.embeddings import MaskEmbedder
-    from llmseg_ros.heads import TextProjection
-    from llmseg_ros.selector import ProposalSelector
     from llmseg_ros.vlm import SegVLM
 
-    init = None
-    if config.init_weights is not None:
-        from llmseg_ros.weights import load_weights
-
-        init = load_weights(config.init_weights)
-        if init.manifest.method != "llmseg":
-            raise ValueError(
-                f"init_weights {config.init_weights} hold {init.manifest.method!r} weights, not 'llmseg'"
-            )
-        if init.adapter_dir is None:
-            raise ValueError(f"init_weights {config.init_weights} hold no VLM adapter (adapter/)")
+    init = _initial_weights(config)
     vlm = SegVLM.load(
         config.vlm,
         device=device,
@@ -266,37 +462,63 @@ def build_models(
     )
     if config.gradient_checkpointing:
         vlm.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if init is not None and init.manifest.hidden_size != vlm.hidden_size:
+        raise ValueError(
+            f"init_weights {config.init_weights} expect a VLM of hidden size {init.manifest.hidden_size}, "
+            f"{config.vlm!r} has {vlm.hidden_size}"
+        )
+    if config.method == "lisa":
+        from llmseg_ros.methods.lisa import LisaMaskHead
+
+        sam = _load_sam(config, device, "method 'lisa' fine-tunes SAM's mask decoder")
+        sam.requires_grad_(False)
+        head = LisaMaskHead(sam, vlm.hidden_size).to(device)
+        head.requires_grad_(True)
+        if init is not None:
+            _load_init_state(init, config, {"projection": head.projection, "mask_decoder": head.mask_decoder})
+        return LisaTrainModules(
+            vlm,
+            head,
+            lm_weight=config.lm_weight,
+            bce_weight=config.bce_weight,
+            dice_weight=config.dice_weight,
+            sam_model_type=config.sam_model_type,
+        )
+
+    from llmseg_ros.embeddings import MaskEmbedder
+    from llmseg_ros.heads import TextProjection
+    from llmseg_ros.selector import ProposalSelector
+
     embedder = MaskEmbedder.load(config.dinov2, device=device, dtype=dtype, input_size=config.embed_size)
     projection = TextProjection(vlm.hidden_size).to(device)
     selector = ProposalSelector().to(device)
     if init is not None:
-        if init.manifest.hidden_size != vlm.hidden_size:
-            raise ValueError(
-                f"init_weights {config.init_weights} expect a VLM of hidden size {init.manifest.hidden_size}, "
-                f"{config.vlm!r} has {vlm.hidden_size}"
-            )
-        for name, module in (
-            ("projection", projection),
-            ("selector", selector),
-            ("mask_proj", embedder.proj),
-        ):
-            state = init.state_dicts.get(name)
-            if state is None:
-                raise ValueError(f"init_weights {config.init_weights} hold no '{name}.*' tensors")
-            module.load_state_dict(state)
+        _load_init_state(
+            init, config, {"projection": projection, "selector": selector, "mask_proj": embedder.proj}
+        )
     proposal_fn = None
     if need_proposals:
-        if config.sam_checkpoint is None:
-            raise ValueError(
-                "a data source has no proposal cache, so SAM runs during training, but sam_checkpoint is not set; "
-                "precompute caches with training/precompute.py or set sam_checkpoint"
-            )
         from llmseg_ros.proposals import ProposalGenerator
-        from llmseg_ros.sam import build_sam
 
-        sam = build_sam(config.sam_model_type, config.sam_checkpoint, device)
+        sam = _load_sam(
+            config,
+            device,
+            "a data source has no proposal cache, so SAM runs during training "
+            "(precompute caches with training/precompute.py or set sam_checkpoint)",
+        )
         proposal_fn = ProposalGenerator.from_config(sam, config.proposals).generate
-    return Models(vlm, embedder, projection, selector, proposal_fn)
+    return TrainModules(
+        vlm,
+        embedder,
+        projection,
+        selector,
+        iou_weight=config.iou_weight,
+        iop_weight=config.iop_weight,
+        lm_weight=config.lm_weight,
+        tau=config.tau,
+        iou_direction=config.iou_direction,
+        proposal_fn=proposal_fn,
+    )
 
 
 def build_tiny_models(directory: str | Path, seed: int = 0) -> dict[str, str]:

@@ -41,21 +41,8 @@ from llmseg_ros.training.checkpoint import (
     write_run_config,
 )
 from llmseg_ros.training.config import TrainConfig
-from llmseg_ros.training.datamix import (
-    DataMix,
-    PositionBatches,
-    TrainExample,
-    add_targets,
-    collate_examples,
-)
-from llmseg_ros.training.modules import (
-    Batch,
-    Models,
-    TrainModules,
-    apply_tiny_profile,
-    build_models,
-    pad_targets,
-)
+from llmseg_ros.training.datamix import DataMix, PositionBatches, TrainExample, collate_examples
+from llmseg_ros.training.modules import SegTrainModules, TrainModules, apply_tiny_profile, build_train_modules
 
 logger = logging.getLogger(__name__)
 
@@ -138,23 +125,16 @@ class Trainer:
         self.checkpoint_root = self.output_dir / CHECKPOINT_DIR
         set_seed(config.seed)
 
-        self.mix = DataMix(config.sources, config.seed)
+        self.mix = DataMix(config.sources, config.seed, with_proposals=config.method == "llmseg")
         dtype = resolve_dtype(config.vlm_dtype, self.device)
-        self.models: Models = build_models(
-            config, self.device, dtype, need_proposals=any(c is None for c in self.mix.caches)
+        self.modules: SegTrainModules = build_train_modules(
+            config,
+            self.device,
+            dtype,
+            need_proposals=config.method == "llmseg" and any(c is None for c in self.mix.caches),
         )
-        self._check_feature_caches()
-        self.modules = TrainModules(
-            self.models.vlm,
-            self.models.embedder,
-            self.models.projection,
-            self.models.selector,
-            iou_weight=config.iou_weight,
-            iop_weight=config.iop_weight,
-            lm_weight=config.lm_weight,
-            tau=config.tau,
-            iou_direction=config.iou_direction,
-        )
+        if isinstance(self.modules, TrainModules):
+            self._check_feature_caches(self.modules)
         if self.precision != "no":
             # Master weights of the trained parameters in float32; autocast computes in half.
             for param in self.modules.parameters():
@@ -165,10 +145,10 @@ class Trainer:
             raise RuntimeError("nothing to train: no parameter requires a gradient")
         head_lr = config.lr if config.head_lr is None else config.head_lr
         named = self.modules.trainable_state()
-        on_proposals = ("selector.", "mask_proj.")  # the proposal side; the query side follows lr
+        mask_side = self.modules.mask_side  # at head_lr; the query side follows lr
         groups = [
-            {"params": [p for n, p in named.items() if not n.startswith(on_proposals)], "lr": config.lr},
-            {"params": [p for n, p in named.items() if n.startswith(on_proposals)], "lr": head_lr},
+            {"params": [p for n, p in named.items() if not n.startswith(mask_side)], "lr": config.lr},
+            {"params": [p for n, p in named.items() if n.startswith(mask_side)], "lr": head_lr},
         ]
         optimizer = torch.optim.AdamW(
             [g for g in groups if g["params"]],
@@ -202,8 +182,8 @@ class Trainer:
         if ds_config.get("gradient_clipping", "auto") == "auto":
             ds_config["gradient_clipping"] = self.config.max_grad_norm or 0.0
 
-    def _check_feature_caches(self) -> None:
-        embedder = self.models.embedder
+    def _check_feature_caches(self, modules: TrainModules) -> None:
+        embedder = modules.embedder
         expected = (embedder.hidden_size, embedder.grid_size, embedder.grid_size)
         for source, cache_set in zip(self.config.sources, self.mix.caches):
             if cache_set is None:
@@ -223,9 +203,9 @@ class Trainer:
     def is_main(self) -> bool:
         return bool(self.accelerator.is_main_process)
 
-    def unwrapped(self) -> TrainModules:
+    def unwrapped(self) -> SegTrainModules:
         module = self.accelerator.unwrap_model(self.model)
-        assert isinstance(module, TrainModules)
+        assert isinstance(module, SegTrainModules)
         return module
 
     # -- resume ----------------------------------------------------------------------
@@ -313,30 +293,9 @@ class Trainer:
         )
         return iter(loader)
 
-    def prepare_batch(self, examples: list[TrainExample]) -> Batch:
-        """Fill in proposals / features that were not cached and build the padded targets."""
-        features: list[torch.Tensor] = []
-        for example in examples:
-            if example.proposals is None:
-                assert self.models.proposal_fn is not None
-                add_targets(example, self.models.proposal_fn(example.sample.image))
-            if example.features is None:
-                features.append(self.models.embedder.backbone_features(example.sample.image))
-            else:
-                features.append(torch.from_numpy(example.features).to(self.device))
-        ious = [e.iou for e in examples]
-        iops = [e.iop for e in examples]
-        assert all(v is not None for v in ious) and all(v is not None for v in iops)
-        iou, iop, padding = pad_targets(ious, iops, self.device)  # type: ignore[arg-type]
-        return Batch(
-            images=[e.sample.image for e in examples],
-            conversations=[(e.question, e.answer) for e in examples],
-            features=features,
-            masks=[e.proposals.masks for e in examples if e.proposals is not None],
-            iou=iou,
-            iop=iop,
-            padding=padding,
-        )
+    def prepare_batch(self, examples: list[TrainExample]) -> Any:
+        """The method's batch for ``examples`` (proposals, features, SAM encodings, targets)."""
+        return self.unwrapped().prepare_batch(examples, self.device)
 
     # -- checkpoints and export ------------------------------------------------------
     def save_checkpoint(self) -> Path:
@@ -369,14 +328,17 @@ class Trainer:
         config = self.config
         if self.is_main:
             lora = config.lora
+            fields: dict[str, Any] = {
+                "dinov2": config.dinov2,
+                "embed_size": config.embed_size,
+                "sam_model_type": config.sam_model_type,
+                **module.manifest_fields(),
+            }
             manifest = WeightsManifest(
-                method="llmseg",
+                method=module.method,
                 base_vlm=config.vlm,
                 hidden_size=module.seg_vlm.hidden_size,
-                embed_dim=module.embedder.out_dim,
-                dinov2=config.dinov2,
-                embed_size=config.embed_size,
-                sam_model_type=config.sam_model_type,
+                **fields,
                 lora={
                     "r": lora.r,
                     "alpha": lora.alpha,
@@ -391,12 +353,7 @@ class Trainer:
                     "profile": config.profile,
                 },
             )
-            save_weights(
-                directory,
-                manifest,
-                {"projection": module.projection, "selector": module.selector, "mask_proj": module.mask_proj},
-                vlm=module.seg_vlm,
-            )
+            save_weights(directory, manifest, module.export_modules(), vlm=module.seg_vlm)
         self.accelerator.wait_for_everyone()
         return directory
 
@@ -407,14 +364,13 @@ class Trainer:
         path = self.output_dir / METRICS_NAME
         with open(path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(record) + "\n")
+        terms = " ".join(f"{name} {record[name]:.4f}" for name in self.modules.loss_names)
         logger.info(
-            "step %d lr %.3g loss %.4f (lm %.4f iou %.4f iop %.4f) %.2f s/step",
+            "step %d lr %.3g loss %.4f (%s) %.2f s/step",
             record["step"],
             record["lr"],
             record["loss"],
-            record["lm"],
-            record["iou"],
-            record["iop"],
+            terms,
             record["seconds_per_step"],
         )
 
@@ -441,7 +397,7 @@ class Trainer:
             unit="step",
             disable=not (self.progress and self.is_main),
         )
-        sums = {"loss": 0.0, "lm": 0.0, "iou": 0.0, "iop": 0.0}
+        sums = dict.fromkeys(("loss", *self.modules.loss_names), 0.0)
         window_steps, window_start = 0, time.perf_counter()
         try:
             while self.state.step < target:
@@ -463,7 +419,7 @@ class Trainer:
                         self.optimizer.zero_grad(set_to_none=True)
                     self.state.micro_step += 1
                     sums["loss"] += losses["total"].item() / config.grad_accum
-                    for key in ("lm", "iou", "iop"):
+                    for key in self.modules.loss_names:
                         sums[key] += losses[key].item() / config.grad_accum
                 lr = self.scheduler.get_last_lr()[0]  # the rate this step used
                 if not self.accelerator.optimizer_step_was_skipped:
@@ -507,7 +463,7 @@ def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
     return Trainer(config, progress=progress).train()
 
 
-def parameter_summary(modules: TrainModules) -> dict[str, int]:
+def parameter_summary(modules: SegTrainModules) -> dict[str, int]:
     """Trainable parameter counts per top-level submodule (``vlm``, ``projection``, ...)."""
     counts: dict[str, int] = {}
     for name, param in modules.named_parameters():
