@@ -288,22 +288,10 @@ def test_cli_with_the_real_tiny_proposal_stage(tmp_path: Path, capsys: pytest.Ca
     )
     out = tmp_path / "cache"
     script = _load_script("precompute")
-    summary = script.main(
-        [
-            "--images",
-            str(folder),
-            "--out",
-            str(out),
-            "--profile",
-            "tiny",
-            "--features",
-            "--device",
-            "cpu",
-            "--shard-size",
-            "1",
-            "--no-progress",
-        ]
+    argv = (
+        f"--images {folder} --out {out} --profile tiny --features --device cpu --shard-size 1 --no-progress"
     )
+    summary = script.main(argv.split())
     assert summary.images == 2 and summary.shards == 2
     assert "2 images in 2 shards" in capsys.readouterr().out
 
@@ -321,20 +309,5 @@ def test_cli_with_the_real_tiny_proposal_stage(tmp_path: Path, capsys: pytest.Ca
         np.testing.assert_array_equal(frame.features, expected)
     assert cache.manifest.proposals["sam_model_type"] == "tiny"
     assert cache.manifest.proposals["max_proposals"] == TINY_PROPOSALS.max_proposals
-    again = script.main(
-        [
-            "--images",
-            str(folder),
-            "--out",
-            str(out),
-            "--profile",
-            "tiny",
-            "--features",
-            "--device",
-            "cpu",
-            "--shard-size",
-            "1",
-            "--no-progress",
-        ]
-    )
+    again = script.main(argv.split())
     assert again.computed == 0 and again.shards_skipped == 2
