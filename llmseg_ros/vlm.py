@@ -422,7 +422,9 @@ class SegVLM:
     # -- tokenisation --------------------------------------------------------------------
     def _image_inputs(self, image: np.ndarray) -> tuple[torch.Tensor, dict[str, torch.Tensor], str]:
         """Processed pixels (1, 3, h, w), other image tensors, and the expanded placeholder text."""
-        processed = self.processor.image_processor(images=[image], return_tensors="pt")
+        processed = self.processor.image_processor(
+            images=[image], return_tensors="pt", input_data_format="channels_last"
+        )
         image_text = self.processor.replace_image_token(processed, image_idx=0)
         pixel_values = processed["pixel_values"].to(self.device, self.dtype)
         extra = {

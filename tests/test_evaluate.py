@@ -234,24 +234,35 @@ class _FakeSegmenter:
     """Stands in for llmseg_ros.pipeline.ReasonSegmenter: predicts every pixel."""
 
     instances: ClassVar[list[_FakeSegmenter]] = []
+    events: ClassVar[list[tuple[str, str]]] = []  # ("load" | "close", method) in order
 
     def __init__(self, config) -> None:
         self.config = config
         self.calls: list[tuple[str, Any, bool | None]] = []
         _FakeSegmenter.instances.append(self)
+        _FakeSegmenter.events.append(("load", config.method))
 
     def segment(self, image, instruction, *, selection=None, is_sentence=None):
         self.calls.append((instruction, selection, is_sentence))
         return types.SimpleNamespace(mask=np.ones(image.shape[:2], bool))
 
+    def close(self) -> None:
+        _FakeSegmenter.events.append(("close", self.config.method))
 
-def test_model_mode_builds_the_segmenter_from_config_and_overrides(
-    fixture: dict[str, Path], monkeypatch: pytest.MonkeyPatch
-) -> None:
+
+@pytest.fixture
+def fake_segmenter(monkeypatch: pytest.MonkeyPatch) -> type[_FakeSegmenter]:
     fake = types.ModuleType("llmseg_ros.pipeline")
     fake.ReasonSegmenter = _FakeSegmenter  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "llmseg_ros.pipeline", fake)
     _FakeSegmenter.instances.clear()
+    _FakeSegmenter.events.clear()
+    return _FakeSegmenter
+
+
+def test_model_mode_builds_the_segmenter_from_config_and_overrides(
+    fixture: dict[str, Path], fake_segmenter: type[_FakeSegmenter]
+) -> None:
     config_file = fixture["tmp"] / "config.json"
     config_file.write_text(json.dumps({"method": "llmseg", "device": "cpu"}), encoding="utf-8")
     out = fixture["tmp"] / "model_report"
@@ -376,3 +387,182 @@ def test_tiny_profile_end_to_end_on_synthetic_scenes(tmp_path: Path) -> None:
     assert all(0.0 <= overall[k] <= 1.0 for k in ("giou", "ciou", "nciou"))
     assert report["config"]["method"] == "llmseg" and report["config"]["selection"]["strategy"] == "top1_iou"
     assert len(report["overlays"]["val"]) == 1 and (out / report["overlays"]["val"][0]).is_file()
+
+
+# -- --compare --------------------------------------------------------------------------
+
+
+def test_compare_rows_configs_layout_and_model_lifetimes(
+    fixture: dict[str, Path], fake_segmenter: type[_FakeSegmenter], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two rows over two splits: one load per row, closed before the next; overrides as documented."""
+    root = fixture["reasonseg"]
+    shutil.copytree(root / "val", root / "test")
+    base_file, row_file = fixture["tmp"] / "base.json", fixture["tmp"] / "row.yaml"
+    base_file.write_text(json.dumps({"method": "grounded", "device": "auto"}), encoding="utf-8")
+    row_file.write_text("method: lisa\nweights_dir: lisa_weights\ndevice: cuda:1\n", encoding="utf-8")
+    out = fixture["tmp"] / "cmp"
+    argv = [
+        "--dataset", "reasonseg", "--root", str(root), "--split", "val,test", "--config", str(base_file),
+        "--weights", "w", "--strategy", "top1_iou", "--device", "cpu", "--overlays", "1", "--out", str(out),
+        "--compare", "llmseg", "--compare", f"mine={row_file}",
+    ]  # fmt: skip
+    assert evaluate.main(argv) == 0
+    assert fake_segmenter.events == [
+        ("load", "llmseg"),
+        ("close", "llmseg"),
+        ("load", "lisa"),
+        ("close", "lisa"),
+    ]
+    named, configured = fake_segmenter.instances
+    # NAME row: base config, method NAME, --weights / --strategy / --device applied
+    assert named.config.weights_dir == "w" and named.config.selection.strategy == "top1_iou"
+    assert named.config.device == "cpu" and all(c[1].strategy == "top1_iou" for c in named.calls)
+    # NAME=CONFIG row: the file as written, only --device applied
+    assert configured.config.weights_dir == "lisa_weights" and configured.config.device == "cpu"
+    assert configured.config.selection.strategy != "top1_iou" and all(c[1] is None for c in configured.calls)
+    for segmenter in (named, configured):
+        assert len(segmenter.calls) == 1 + 3 + 3  # one warm-up call, then both splits
+    printed = capsys.readouterr().out
+    truths = list(_truths().values())
+    expected = reasonseg_metrics([np.ones(t.shape, bool) for t in truths], truths)
+    for split in ("val", "test"):
+        assert sorted(p.name for p in (out / split).iterdir()) == [
+            "comparison.json",
+            "comparison.md",
+            "overlays",
+        ]
+        comparison = json.loads((out / split / "comparison.json").read_text(encoding="utf-8"))
+        assert comparison["rows"] == ["llmseg", "mine"] and comparison["pending"] == []
+        assert comparison["configs"]["mine"]["method"] == "lisa"
+        for name in ("llmseg", "mine"):
+            _check(comparison["methods"][name], {"n": 3, **expected})
+            assert comparison["methods"][name]["seconds_per_query"] > 0
+            assert comparison["breakdown"][name]["short"]["n"] == 1  # ReasonSeg query types
+            assert [s["id"] for s in comparison["samples"][name]] == ["img_a", "img_b", "img_c"]
+        assert comparison["overlays"] == {
+            "llmseg": ["overlays/llmseg_000_img_c.png"],
+            "mine": ["overlays/mine_000_img_c.png"],
+        }
+        assert (out / split / "overlays" / "mine_000_img_c.png").is_file()
+        table = (out / split / "comparison.md").read_text(encoding="utf-8")
+        assert table in printed
+        row = f"| 3 | {100 * expected['giou']:.1f} | {100 * expected['ciou']:.1f} | {100 * expected['nciou']:.1f} |"
+        assert f"| llmseg {row}" in table and f"| mine {row}" in table
+        assert "- mine: method `lisa`, weights `lisa_weights`, device `cpu`" in table
+        assert "| mine / long | 2 |" in table
+    assert not (out / "report.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--profile", "tiny", "--compare", "llmseg", "--compare", "sam3"], "unknown method 'sam3'"),
+        (["--compare", "x={missing}"], "cannot use config file {missing}"),
+        (["--compare", "x={bad_yaml}"], "cannot use config file {bad_yaml}"),
+        (["--compare", "x={unknown_field}"], "unknown config field(s) ['weights']"),
+        (["--compare", "x="], "expected NAME=CONFIG"),
+        (["--compare", "={good}"], "non-empty label"),
+        (["--compare", "a|b={good}"], "got 'a|b'"),
+        (["--profile", "tiny", "--compare", "lisa", "--compare", "lisa={good}"], "more than once: ['lisa']"),
+        (["--compare", "lisa", "--pred-dir", "preds"], "cannot be combined with --pred-dir"),
+        (["--profile", "tiny", "--compare", "lisa", "--method", "llmseg"], "with --compare each row names"),
+        (["--compare", "x={good}", "--compare", "lisa"], "--compare lisa has no =CONFIG"),
+    ],
+)
+def test_compare_usage_errors(
+    fixture: dict[str, Path], capsys: pytest.CaptureFixture[str], extra: list[str], message: str
+) -> None:
+    files = {
+        "missing": fixture["tmp"] / "missing.yaml",
+        "bad_yaml": fixture["tmp"] / "bad.yaml",
+        "unknown_field": fixture["tmp"] / "unknown.json",
+        "good": fixture["tmp"] / "good.json",
+    }
+    files["bad_yaml"].write_text("method: [lisa\n", encoding="utf-8")
+    files["unknown_field"].write_text(json.dumps({"method": "lisa", "weights": "w"}), encoding="utf-8")
+    files["good"].write_text(json.dumps({"method": "lisa", "weights_dir": "w"}), encoding="utf-8")
+    names = {key: str(path) for key, path in files.items()}
+    argv = ["--dataset", "reasonseg", "--root", str(fixture["reasonseg"])]
+    with pytest.raises(SystemExit) as exited:
+        evaluate.main([*argv, *(item.format(**names) for item in extra)])
+    assert exited.value.code == 2
+    assert message.format(**names) in capsys.readouterr().err
+
+
+def _scenes_jsonl(directory: Path) -> Path:
+    """Two non-square scenes (the tiny Grounding DINO fails on square inputs: its last
+    feature map shrinks to 1 x 1), target = the green box, one sentence and one phrase."""
+    records = []
+    for index, (h, w) in enumerate([(96, 128), (80, 144)]):
+        image = np.zeros((h, w, 3), np.uint8)
+        image[:] = np.linspace(40, 200, w, dtype=np.uint8)[None, :, None]
+        cv2.circle(image, (30, 40), 15, (30, 30, 220), -1)  # BGR: a red disc
+        cv2.rectangle(image, (60, 20), (100, 60), (40, 200, 30), -1)  # a green box
+        (directory / "images").mkdir(parents=True, exist_ok=True)
+        assert cv2.imwrite(str(directory / "images" / f"scene{index}.png"), image)
+        mask = np.zeros((h, w), np.uint8)
+        mask[20:61, 60:101] = 1
+        question = "Where could I put my cup down?" if index == 0 else "the green box"
+        records.append(
+            {
+                "id": f"scene{index}",
+                "image": f"images/scene{index}.png",
+                "question": question,
+                "rle": encode_rle(mask),
+                "is_sentence": index == 0,
+            }
+        )
+    write_jsonl(directory / "val.jsonl", records)
+    return directory / "val.jsonl"
+
+
+@pytest.mark.slow
+def test_compare_llmseg_lisa_grounded_equals_single_runs(
+    tmp_path: Path,
+    tiny_profile_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The real tiny models: each comparison row scores exactly like a single-method run."""
+    from llmseg_ros.pipeline import ReasonSegmenter
+
+    events: list[tuple[str, str]] = []
+    init, close = ReasonSegmenter.__init__, ReasonSegmenter.close
+
+    def logged_init(self: ReasonSegmenter, config: Any, **kwargs: Any) -> None:
+        events.append(("load", config.method))
+        init(self, config, **kwargs)
+
+    def logged_close(self: ReasonSegmenter) -> None:
+        events.append(("close", self.config.method))
+        close(self)
+
+    monkeypatch.setattr(ReasonSegmenter, "__init__", logged_init)
+    monkeypatch.setattr(ReasonSegmenter, "close", logged_close)
+    base = [
+        "--dataset", "jsonl", "--root", str(_scenes_jsonl(tmp_path / "scenes")), "--profile", "tiny",
+        "--profile-dir", str(tiny_profile_dir), "--strategy", "top1_iou",
+    ]  # fmt: skip
+    methods = ["llmseg", "lisa", "grounded"]
+    out = tmp_path / "cmp"
+    assert evaluate.main([*base, "--out", str(out), *(a for m in methods for a in ("--compare", m))]) == 0
+    assert events == [(kind, m) for m in methods for kind in ("load", "close")]
+    comparison = json.loads((out / "val" / "comparison.json").read_text(encoding="utf-8"))
+    table = (out / "val" / "comparison.md").read_text(encoding="utf-8")
+    assert table in capsys.readouterr().out
+    assert list(comparison["methods"]) == methods
+    for method in methods:
+        single = tmp_path / f"single_{method}"
+        assert evaluate.main([*base, "--method", method, "--warmup", "0", "--out", str(single)]) == 0
+        report = json.loads((single / "report.json").read_text(encoding="utf-8"))
+        row, overall = comparison["methods"][method], report["splits"]["val"]["overall"]
+        assert comparison["configs"][method] == report["config"]
+        assert [row[k] for k in ("n", "giou", "ciou", "nciou")] == [
+            overall[k] for k in ("n", "giou", "ciou", "nciou")
+        ]
+        assert [s["iou"] for s in comparison["samples"][method]] == [
+            s["iou"] for s in report["samples"]["val"]
+        ]
+        assert f"| {method} | 2 | {100 * row['giou']:.1f} | {100 * row['ciou']:.1f} |" in table
+    assert len({comparison["methods"][m]["ciou"] for m in methods}) == 3  # three different models

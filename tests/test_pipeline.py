@@ -37,6 +37,17 @@ def test_every_method_end_to_end(tiny_config_factory, scene_image, method: str) 
     assert not seg.is_loaded and seg.components.loaded == []
 
 
+@pytest.mark.parametrize("method", ["llmseg", "lisa", "grounded"])
+def test_square_and_tiny_frames(tiny_config_factory, method: str) -> None:
+    """Square frames and frames of 3 pixels or less on a side (ambiguous for image
+    processors that guess the channel axis) give a mask of the frame's size."""
+    seg = ReasonSegmenter(tiny_config_factory(method))
+    for shape in ((64, 64, 3), (3, 3, 3), (4, 8, 3), (2, 9, 3), (1, 1, 3)):
+        image = np.random.default_rng(sum(shape)).integers(0, 256, shape, dtype=np.uint8)
+        _check_result(seg.segment(image, "the red thing"), image, method)
+    seg.close()
+
+
 def test_llmseg_scores_and_strategies(tiny_config_factory, scene_image) -> None:
     seg = ReasonSegmenter(tiny_config_factory("llmseg"))
     frame = seg.prepare(scene_image)

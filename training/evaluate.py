@@ -1,6 +1,6 @@
 """Evaluate reasoning segmentation (gIoU / cIoU / ncIoU) on ReasonSeg, LLM-Seg40K or a JSONL dataset.
 
-Two modes:
+Three modes:
 
 * ``--pred-dir DIR``: score a folder of predicted PNG masks, one per sample, named
   ``{sample id}.png`` (``> 0`` is foreground); with several splits, ``DIR/{split}/`` is used
@@ -8,19 +8,38 @@ Two modes:
   ``{image stem}_{question index}``; JSONL the ``id`` field or ``{image stem}_{k}``.
 * model mode (``--config FILE``, ``--weights DIR`` and/or ``--profile tiny``): build a
   :class:`llmseg_ros.pipeline.ReasonSegmenter` and time each query.
+* comparison mode (``--compare NAME[=CONFIG]``, repeatable): run several models on the
+  same samples and write one table per split (LLM-Seg Table 1 / 5 style), see below.
 
-Writes ``report.json`` (metrics per split; for ReasonSeg also LISA's short / long query
-breakdown; n; seconds per query when a model ran; the model config; per-sample records)
-and ``report.md`` (Markdown table) to ``--out``, atomically; ``--overlays N`` also writes
+Single-model modes write ``report.json`` (metrics per split; for ReasonSeg also LISA's
+short / long query breakdown; n; seconds per query when a model ran; the model config;
+per-sample records) and ``report.md`` (Markdown table) to ``--out``, atomically; ``--overlays N`` also writes
 the N lowest-IoU samples per split as overlay PNGs (green hit, red false positive, blue
 miss, grey ignore).
+
+Comparison mode: each ``--compare`` entry is one row, labelled ``NAME``. ``NAME=CONFIG``
+reads a SegmenterConfig file (which names the method and its weights_dir); ``NAME`` alone
+must be a method name and the row uses the base config (``--config`` / ``--profile``, with
+``--weights`` and ``--strategy`` applied as for a single run) with ``method = NAME``.
+``--device`` applies to every row. Rows run one after the other, each model loaded once
+and freed before the next row. Per split, ``{out}/{split}/comparison.json`` (summaries,
+ReasonSeg short / long breakdown, configs, per-sample IoUs and seconds) and
+``{out}/{split}/comparison.md`` (one row per entry: n, gIoU, cIoU, ncIoU, seconds per
+query) are written atomically, also for a single split, and rewritten after each row;
+``--overlays N`` writes ``{out}/{split}/overlays/{name}_{rank}_{id}.png``.
 
 Examples::
 
     python training/evaluate.py --dataset reasonseg --root data/ReasonSeg --split val \
-        --config config/llmseg.yaml --out runs/eval_val --overlays 20
+        --config training/configs/segmenter_llmseg.yaml --out runs/eval_val --overlays 20
     python training/evaluate.py --dataset jsonl --root data/synthetic/jsonl --split val \
         --pred-dir runs/preds --out runs/eval_preds
+    python training/evaluate.py --dataset reasonseg --root data/ReasonSeg --split val \
+        --config training/configs/segmenter_llmseg.yaml --compare llmseg \
+        --compare lisa=training/configs/segmenter_lisa.yaml \
+        --compare grounded --out runs/compare_val
+    python training/evaluate.py --dataset jsonl --root runs/tiny/synthetic/jsonl --split train \
+        --profile tiny --compare llmseg --compare lisa --compare grounded --out runs/compare_tiny
 """
 
 from __future__ import annotations
@@ -32,7 +51,7 @@ import re
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -41,6 +60,7 @@ if importlib.util.find_spec("llmseg_ros") is None:  # a source checkout without 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
+import yaml
 
 from llmseg_ros.config import METHODS, SELECTION_STRATEGIES, SegmenterConfig, SelectionConfig
 from llmseg_ros.data.io import atomic_write_json, atomic_write_text, read_single_channel, write_image
@@ -49,6 +69,7 @@ from llmseg_ros.data.llmseg40k import LLMSeg40KDataset
 from llmseg_ros.data.reasonseg import ReasonSegDataset
 from llmseg_ros.data.sample import Sample
 from llmseg_ros.evaluation import (
+    EvalRecord,
     Predictor,
     WorstSamples,
     evaluate_samples,
@@ -58,6 +79,53 @@ from llmseg_ros.evaluation import (
 
 DATASETS = ("reasonseg", "llmseg40k", "jsonl")
 PROFILES = ("tiny",)
+TRAINED_METHODS = ("llmseg", "lisa")  # the methods that read weights_dir
+ROW_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
+
+
+@dataclass(frozen=True)
+class CompareRow:
+    """One row of a ``--compare`` table.
+
+    Attributes:
+        name: the row label; a method name (see ``METHODS``) when ``config`` is ``None``.
+        config_file: the SegmenterConfig file given as ``NAME=CONFIG``, else ``None``.
+        config: that file's content (read when the row is parsed), else ``None``: the row
+            uses the base config with ``method = name``.
+    """
+
+    name: str
+    config_file: Path | None = None
+    config: SegmenterConfig | None = None
+
+    def __post_init__(self) -> None:
+        if not ROW_NAME.fullmatch(self.name):
+            raise ValueError(
+                f"--compare NAME must be a non-empty label of letters, digits, '.', '_', '+' or '-' "
+                f"(it labels a table row and names overlay files), got {self.name!r}"
+            )
+        if (self.config_file is None) != (self.config is None):
+            raise ValueError(f"--compare {self.name}: give both config_file and config, or neither")
+        if self.config is None and self.name not in METHODS:
+            raise ValueError(
+                f"--compare {self.name!r}: unknown method {self.name!r}; expected one of {list(METHODS)}, "
+                "or NAME=CONFIG with a SegmenterConfig file"
+            )
+
+    @classmethod
+    def parse(cls, text: str) -> CompareRow:
+        """``NAME`` or ``NAME=CONFIG`` → a row (``CONFIG`` is read now; ``ValueError`` names it)."""
+        name, sep, path = text.partition("=")
+        if not sep:
+            return cls(name)
+        if not path:
+            raise ValueError(f"--compare {text!r}: expected NAME=CONFIG with a config file after '='")
+        config_file = Path(path)
+        try:
+            config = SegmenterConfig.from_file(config_file)
+        except (ValueError, TypeError, yaml.YAMLError) as exc:
+            raise ValueError(f"--compare {text!r}: cannot use config file {config_file}: {exc}") from exc
+        return cls(name, config_file, config)
 
 
 class _Dataset(Protocol):
@@ -90,6 +158,7 @@ class EvalSettings:
         warmup: untimed predictor calls on the first sample before timing (model mode).
         image_roots: LLM-Seg40K image folder per ``from_dataset`` (key ``""``: every source).
         mask_root: folder that LLM-Seg40K ``segmentation_path`` values resolve against.
+        compare: rows of a method comparison (comparison mode when not empty).
     """
 
     dataset: str
@@ -110,6 +179,7 @@ class EvalSettings:
     warmup: int = 1
     image_roots: dict[str, Path] = field(default_factory=dict)
     mask_root: Path | None = None
+    compare: tuple[CompareRow, ...] = ()
 
     def __post_init__(self) -> None:
         if self.dataset not in DATASETS:
@@ -118,7 +188,12 @@ class EvalSettings:
             raise ValueError("give at least one split")
         if len(set(self.splits)) != len(self.splits):
             raise ValueError(f"splits must be distinct, got {list(self.splits)}")
-        model_args = self.config_file is not None or self.weights is not None or self.profile is not None
+        base_args = self.config_file is not None or self.weights is not None or self.profile is not None
+        model_args = base_args or bool(self.compare)
+        if self.pred_dir is not None and self.compare:
+            raise ValueError(
+                "--compare runs models; it cannot be combined with --pred-dir (saved predictions)"
+            )
         if self.pred_dir is not None and model_args:
             raise ValueError(
                 "--pred-dir evaluates saved predictions; it cannot be combined with a model source"
@@ -137,9 +212,31 @@ class EvalSettings:
             raise ValueError(f"limit must be >= 1, got {self.limit}")
         if self.warmup < 0:
             raise ValueError(f"warmup must be >= 0, got {self.warmup}")
+        self._check_compare(base_args)
+
+    def _check_compare(self, base_args: bool) -> None:
+        if not self.compare:
+            return
+        names = [row.name for row in self.compare]
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:
+            raise ValueError(f"--compare names must be distinct; given more than once: {twice}")
+        if self.method is not None:
+            raise ValueError(
+                "--method picks the model of a single run; with --compare each row names its method "
+                "(NAME or NAME=CONFIG)"
+            )
+        bare = [row.name for row in self.compare if row.config is None]
+        if bare and not base_args:
+            raise ValueError(
+                f"--compare {bare[0]} has no =CONFIG, so it uses the base model config: give --config, "
+                "--weights or --profile, or NAME=CONFIG"
+            )
 
     @property
     def mode(self) -> str:
+        if self.compare:
+            return "compare"
         return "pred_dir" if self.pred_dir is not None else "model"
 
 
@@ -213,32 +310,48 @@ def pred_dir_predictor(
     return predict, missing
 
 
-def resolve_config(settings: EvalSettings, scratch: Path) -> SegmenterConfig:
+def resolve_config(settings: EvalSettings, scratch: Path, method: str | None = None) -> SegmenterConfig:
     """The model config named by ``settings`` (``--profile`` / ``--config`` / ``--weights`` + overrides).
 
     Args:
         scratch: a folder that lives as long as the evaluation (holds the ``--profile``
             models when no ``profile_dir`` is given).
+        method: the method to select, overriding ``settings.method`` (a ``--compare`` row).
     """
+    method = method if method is not None else settings.method
     if settings.profile == "tiny":
         from llmseg_ros.tiny import build_tiny_profile
 
         profile_dir = settings.profile_dir if settings.profile_dir is not None else scratch / "tiny"
         # the profile picks the models that fit the method (e.g. a different VLM for vlm_*)
-        config = build_tiny_profile(profile_dir, method=settings.method or "llmseg")
+        config = build_tiny_profile(profile_dir, method=method or "llmseg")
     else:
         config = (
             SegmenterConfig.from_file(settings.config_file) if settings.config_file else SegmenterConfig()
         )
         if settings.weights is not None:
             config = config.replace(weights_dir=str(settings.weights))
-        if settings.method is not None:
-            config = config.replace(method=settings.method)
+        if method is not None:
+            config = config.replace(method=method)
     if settings.device is not None:
         config = config.replace(device=settings.device)
     if settings.strategy is not None:
         config = config.replace(selection=SelectionConfig(strategy=settings.strategy))
     return config
+
+
+def row_config(settings: EvalSettings, row: CompareRow, scratch: Path) -> tuple[SegmenterConfig, bool]:
+    """The config of one ``--compare`` row, and whether its selection overrides every call.
+
+    ``NAME=CONFIG`` rows use their file with only ``--device`` applied; ``NAME`` rows use
+    :func:`resolve_config` with ``method = NAME`` (``--weights`` / ``--strategy`` apply).
+    """
+    if row.config is None:
+        return resolve_config(settings, scratch, method=row.name), settings.strategy is not None
+    config = row.config
+    if settings.device is not None:
+        config = config.replace(device=settings.device)
+    return config, False
 
 
 def model_predictor(config: SegmenterConfig, *, override_selection: bool = False) -> Predictor:
@@ -250,8 +363,29 @@ def model_predictor(config: SegmenterConfig, *, override_selection: bool = False
     """
     from llmseg_ros.pipeline import ReasonSegmenter
 
+    return segmenter_predictor(ReasonSegmenter(config), override_selection=override_selection)
+
+
+@contextlib.contextmanager
+def loaded_segmenter(config: SegmenterConfig) -> Iterator[Any]:
+    """A :class:`llmseg_ros.pipeline.ReasonSegmenter` (models load on first use), closed on exit."""
+    from llmseg_ros.pipeline import ReasonSegmenter
+
     segmenter = ReasonSegmenter(config)
-    selection = config.selection if override_selection else None
+    try:
+        yield segmenter
+    finally:
+        segmenter.close()
+
+
+def segmenter_predictor(segmenter: Any, *, override_selection: bool = False) -> Predictor:
+    """Wrap a segmenter as a predictor: sample → (H, W) bool mask at the sample's resolution.
+
+    Args:
+        segmenter: a :class:`llmseg_ros.pipeline.ReasonSegmenter`.
+        override_selection: also pass ``segmenter.config.selection`` to every ``segment`` call.
+    """
+    selection = segmenter.config.selection if override_selection else None
 
     def predict(sample: Sample) -> np.ndarray:
         result = segmenter.segment(
@@ -297,9 +431,7 @@ def run_evaluation(settings: EvalSettings) -> dict[str, Any]:
             report["config"] = config.to_dict()
             model_predict = model_predictor(config, override_selection=settings.strategy is not None)
         for split, dataset in datasets.items():
-            count = len(dataset) if settings.limit is None else min(settings.limit, len(dataset))
-            if count == 0:
-                raise ValueError(f"split {split!r} has no samples")
+            count = _sample_count(dataset, split, settings.limit)
             ids = dataset.sample_ids[:count]
             if model_predict is not None:
                 predict = model_predict
@@ -323,18 +455,26 @@ def run_evaluation(settings: EvalSettings) -> dict[str, Any]:
             else:
                 report["splits"][split] = {"overall": summary}
             report["samples"][split] = [r.to_dict() for r in records]
-            paths = []
-            for rank, (record, image) in enumerate(worst.worst()):
-                path = (
-                    settings.out
-                    / "overlays"
-                    / f"{_safe_name(split)}_{rank:03d}_{_safe_name(record.sample_id)}.png"
-                )
-                write_image(path, image)
-                paths.append(str(path.relative_to(settings.out)))
-            report["overlays"][split] = paths
+            report["overlays"][split] = _write_overlays(worst, settings.out, _safe_name(split))
     write_report(report, settings.out)
     return report
+
+
+def _write_overlays(worst: WorstSamples, out: Path, prefix: str) -> list[str]:
+    """Write ``out/overlays/{prefix}_{rank}_{sample id}.png``, worst first; paths relative to ``out``."""
+    paths = []
+    for rank, (record, image) in enumerate(worst.worst()):
+        path = out / "overlays" / f"{prefix}_{rank:03d}_{_safe_name(record.sample_id)}.png"
+        write_image(path, image)
+        paths.append(str(path.relative_to(out)))
+    return paths
+
+
+def _sample_count(dataset: _Dataset, split: str, limit: int | None) -> int:
+    count = len(dataset) if limit is None else min(limit, len(dataset))
+    if count == 0:
+        raise ValueError(f"split {split!r} has no samples")
+    return count
 
 
 def report_markdown(report: dict[str, Any]) -> str:
@@ -373,7 +513,140 @@ def write_report(report: dict[str, Any], out: Path) -> None:
     atomic_write_text(out / "report.md", report_markdown(report))
 
 
+# -- comparison -----------------------------------------------------------------------
+
+
+def comparison_dir(out: Path, split: str) -> Path:
+    """Folder of one split's comparison: ``out/{split}`` (unsafe characters replaced by ``_``)."""
+    return out / _safe_name(split)
+
+
+def run_comparison(settings: EvalSettings) -> dict[str, dict[str, Any]]:
+    """Run every ``--compare`` row on the same samples; write one comparison per split.
+
+    Rows run in order; each row's segmenter loads once, evaluates every split (after
+    ``settings.warmup`` untimed calls on the first sample) and is closed before the next
+    row. After each row, ``{out}/{split}/comparison.json`` / ``comparison.md`` are
+    rewritten atomically (see :func:`comparison_markdown`), so a failure keeps the rows
+    already done (``pending`` lists the others).
+
+    Returns:
+        split → comparison (the content of its ``comparison.json``).
+    """
+    if not settings.compare:
+        raise ValueError("run_comparison needs at least one --compare row")
+    folders = {split: comparison_dir(settings.out, split) for split in settings.splits}
+    if len(set(folders.values())) != len(folders):
+        raise ValueError(f"splits {list(settings.splits)} share a folder name once made file-safe")
+    datasets = {split: load_split(settings, split) for split in settings.splits}
+    counts = {split: _sample_count(dataset, split, settings.limit) for split, dataset in datasets.items()}
+    names = [row.name for row in settings.compare]
+    comparisons: dict[str, dict[str, Any]] = {
+        split: {
+            "title": f"Methods comparison: {settings.dataset} / {split}",
+            "dataset": settings.dataset,
+            "root": str(settings.root),
+            "split": split,
+            "n": counts[split],
+            "limit": settings.limit,
+            "rows": names,
+            "pending": list(names),
+            "configs": {},
+            "methods": {},
+            "breakdown": {},
+            "samples": {},
+            "overlays": {},
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        for split in settings.splits
+    }
+    with tempfile.TemporaryDirectory(prefix="llmseg-compare-") as scratch:
+        # resolve every row first: a bad config fails before any model loads
+        configs = [row_config(settings, row, Path(scratch)) for row in settings.compare]
+        for row, (config, override_selection) in zip(settings.compare, configs, strict=True):
+            with loaded_segmenter(config) as segmenter:
+                predict = segmenter_predictor(segmenter, override_selection=override_selection)
+                if settings.warmup:  # untimed calls: load the models, warm the caches
+                    first = datasets[settings.splits[0]][0]
+                    for _ in range(settings.warmup):
+                        predict(first)
+                for split, dataset in datasets.items():
+                    worst = WorstSamples(settings.overlays)
+                    summary, records = evaluate_samples(
+                        (dataset[i] for i in range(counts[split])), predict, callback=worst
+                    )
+                    folder = folders[split]
+                    _add_row(comparisons[split], row.name, config, summary, records, settings.dataset)
+                    comparisons[split]["overlays"][row.name] = _write_overlays(worst, folder, row.name)
+                    comparisons[split]["pending"].remove(row.name)
+                    write_comparison(comparisons[split], folder)
+    return comparisons
+
+
+def _add_row(
+    comparison: dict[str, Any],
+    name: str,
+    config: SegmenterConfig,
+    summary: dict[str, Any],
+    records: Sequence[EvalRecord],
+    dataset: str,
+) -> None:
+    comparison["configs"][name] = config.to_dict()
+    comparison["methods"][name] = summary
+    if dataset == "reasonseg":
+        comparison["breakdown"][name] = query_type_breakdown(records)
+    comparison["samples"][name] = [{"id": r.sample_id, "iou": r.iou, "seconds": r.seconds} for r in records]
+
+
+def comparison_markdown(comparison: dict[str, Any]) -> str:
+    """The Markdown form of one split's comparison: one row per ``--compare`` entry
+    (n, gIoU, cIoU, ncIoU in percent, seconds per query); ReasonSeg adds short / long rows."""
+    lines = [
+        f"# {comparison['title']}",
+        "",
+        f"{comparison['n']} samples; IoUs in percent; seconds per query include frame preparation.",
+        "",
+    ]
+    for name, config in comparison["configs"].items():
+        details = [f"method `{config['method']}`"]
+        if config["method"] in TRAINED_METHODS:
+            details.append(f"weights `{config.get('weights_dir')}`")
+        if config["method"] == "llmseg":
+            details.append(f"selection `{config.get('selection', {}).get('strategy')}`")
+        details.append(f"device `{config.get('device')}`")
+        lines.append(f"- {name}: {', '.join(details)}")
+    if comparison["pending"]:
+        lines.append(f"- not run yet: {', '.join(comparison['pending'])}")
+    lines += ["", markdown_table(list(comparison["methods"].items()))]
+    if comparison["breakdown"]:
+        rows = [
+            (f"{name} / {subset}", summary)
+            for name, subsets in comparison["breakdown"].items()
+            for subset, summary in subsets.items()
+            if summary is not None
+        ]
+        lines += [
+            "ReasonSeg query types (LISA: short = phrases, long = sentences).",
+            "",
+            markdown_table(rows, "Method / subset"),
+        ]
+    return "\n".join(lines)
+
+
+def write_comparison(comparison: dict[str, Any], folder: Path) -> None:
+    """Write ``comparison.json`` and ``comparison.md`` to ``folder`` atomically."""
+    atomic_write_json(folder / "comparison.json", comparison)
+    atomic_write_text(folder / "comparison.md", comparison_markdown(comparison))
+
+
 # -- command line ---------------------------------------------------------------------
+
+
+def _compare_row(text: str) -> CompareRow:
+    try:
+        return CompareRow.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def _image_root(text: str) -> tuple[str, Path]:
@@ -412,11 +685,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--strategy", choices=SELECTION_STRATEGIES, help="override the selection strategy")
     parser.add_argument("--device", help="override the config's device (cpu, cuda, cuda:N, auto)")
     parser.add_argument(
-        "--overlays", type=int, default=0, help="write the N lowest-IoU samples per split as PNGs"
+        "--overlays",
+        type=int,
+        default=0,
+        help="write the N lowest-IoU samples per split (and --compare row) as PNGs",
     )
     parser.add_argument("--limit", type=int, help="at most N samples per split")
     parser.add_argument(
-        "--warmup", type=int, default=1, help="untimed calls before timing (model mode; default 1)"
+        "--warmup", type=int, default=1, help="untimed calls before timing (per model; default 1)"
     )
     parser.add_argument(
         "--image-root",
@@ -427,6 +703,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--mask-root", type=Path, help="LLM-Seg40K: folder of relative segmentation_path files"
+    )
+    parser.add_argument(
+        "--compare",
+        action="append",
+        type=_compare_row,
+        default=[],
+        metavar="NAME[=CONFIG]",
+        help="one row of a method comparison (repeatable); NAME labels the row (letters, digits, "
+        "'.', '_', '+', '-'). NAME=CONFIG: a SegmenterConfig JSON / YAML "
+        "file (its method and weights_dir; only --device applies). NAME alone: a method name; the row "
+        "uses the base config (--config / --profile, with --weights / --strategy applied) with "
+        f"method NAME ({', '.join(METHODS)}). --device applies to every row. Writes "
+        "OUT/SPLIT/comparison.json and OUT/SPLIT/comparison.md for every split (also a single one); "
+        "not with --pred-dir or --method",
     )
     return parser
 
@@ -456,6 +746,7 @@ def parse_args(argv: Sequence[str] | None = None) -> EvalSettings:
             warmup=args.warmup,
             image_roots=dict(args.image_root),
             mask_root=args.mask_root,
+            compare=tuple(args.compare),
         )
     except ValueError as exc:
         parser.error(str(exc))
@@ -465,6 +756,16 @@ def parse_args(argv: Sequence[str] | None = None) -> EvalSettings:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status (0 success, 1 bad data or predictions, 2 bad usage)."""
     settings = parse_args(argv)
+    if settings.compare:
+        try:
+            comparisons = run_comparison(settings)
+        except ValueError as exc:
+            print(f"evaluate.py: error: {exc}", file=sys.stderr)
+            return 1
+        for split, comparison in comparisons.items():
+            print(comparison_markdown(comparison))
+            print(f"comparison written to {comparison_dir(settings.out, split) / 'comparison.json'}\n")
+        return 0
     try:
         report = run_evaluation(settings)
     except ValueError as exc:

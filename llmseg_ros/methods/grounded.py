@@ -128,7 +128,12 @@ class GroundingDetector:
             text += "."
         max_len = int(getattr(self.model.config, "max_text_len", 256))
         inputs = self.processor(
-            images=image, text=text, return_tensors="pt", truncation=True, max_length=max_len
+            images=image,
+            text=text,
+            return_tensors="pt",
+            truncation=True,
+            max_length=max_len,
+            input_data_format="channels_last",  # (H, W, 3) even when H or W is 3 or less
         ).to(self.device)
         outputs = self.model(**inputs)
         result = self.processor.post_process_grounded_object_detection(

@@ -16,7 +16,7 @@ import torch
 from llmseg_ros.atomic import atomic_directory
 from llmseg_ros.config import METHODS, ProposalConfig, SegmenterConfig
 
-TINY_PROFILE_VERSION = 1
+TINY_PROFILE_VERSION = 2
 MARKER = "tiny_profile.json"
 TINY_EMBED_SIZE = 112
 

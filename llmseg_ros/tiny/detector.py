@@ -144,7 +144,7 @@ def save_tiny_grounding_dino(directory: str | Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     model = GroundingDinoForObjectDetection(config).eval()
     processor = GroundingDinoProcessor(
-        image_processor=GroundingDinoImageProcessor(size={"shortest_edge": 64, "longest_edge": 96}),
+        image_processor=GroundingDinoImageProcessor(size={"shortest_edge": 128, "longest_edge": 192}),
         tokenizer=tokenizer,
     )
     with atomic_directory(directory) as tmp:
