@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -193,11 +191,10 @@ def main(argv: list[str] | None = None) -> int:
     md = to_markdown(res)
     print(md)
     args.out.mkdir(parents=True, exist_ok=True)
+    from llmseg_ros.atomic import atomic_write_text
+
     for name, text in (("memory.json", json.dumps(res, indent=2) + "\n"), ("memory.md", md)):
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=args.out)
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, args.out / name)
+        atomic_write_text(args.out / name, text)
     return 0
 
 

@@ -2,7 +2,10 @@
 
 Everything is written under a temporary name in the destination's folder and then moved
 into place with ``os.replace``, so a reader never sees a half-written file or directory
-and an interrupted write leaves the previous version (or nothing) behind.
+and an interrupted write leaves the previous version (or nothing) behind. The result gets
+the permissions a plain ``open`` / ``mkdir`` would give it (0666 / 0777 less the process's
+umask), not the owner-only ones of Python's temporary files, so other users on the robot
+(e.g. the account the ROS node runs as) can read weights and outputs.
 """
 
 from __future__ import annotations
@@ -11,12 +14,72 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
-__all__ = ["atomic_directory", "atomic_write_bytes", "atomic_write_json", "atomic_write_text"]
+__all__ = [
+    "atomic_directory",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "atomic_write_stream",
+    "atomic_write_text",
+    "default_mode",
+    "publish",
+]
+
+_UMASK_LOCK = threading.Lock()
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where the OS allows (Linux ≥ 4.7)."""
+    try:
+        for line in Path("/proc/self/status").read_text(encoding="ascii").splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:  # elsewhere: set and restore (briefly visible to other threads)
+        current = os.umask(0o022)
+        os.umask(current)
+    return current
+
+
+def default_mode(directory: bool = False) -> int:
+    """Permission bits ``open`` (0666) or ``mkdir`` (0777) would give under the current umask."""
+    return (0o777 if directory else 0o666) & ~_umask()
+
+
+def publish(tmp: str | Path, dest: str | Path, *, directory: bool = False) -> None:
+    """Give a finished temporary file / folder the default permissions and rename it to ``dest``."""
+    os.chmod(tmp, default_mode(directory))
+    os.replace(tmp, dest)
+
+
+def atomic_write_stream(path: str | Path, write: Callable[[IO[bytes]], Any], *, fsync: bool = False) -> Path:
+    """Call ``write(binary_file)`` on a temporary file next to ``path``, then rename it into place.
+
+    Missing parent folders are created; on any error the temporary file is removed and
+    ``path`` is left as it was. ``fsync`` flushes the data to disk before the rename.
+    Returns the destination path.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            if fsync:
+                handle.flush()
+                os.fsync(handle.fileno())
+        publish(tmp_name, path)
+    except BaseException:
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+        raise
+    return path
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
@@ -24,18 +87,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
 
     Missing parent folders are created. Returns the destination path.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp_name, path)
-    except BaseException:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
-        raise
-    return path
+    return atomic_write_stream(path, lambda handle: handle.write(data))
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
@@ -73,10 +125,10 @@ def atomic_directory(directory: str | Path) -> Iterator[Path]:
             if old.exists():
                 shutil.rmtree(old)
             os.replace(directory, old)
-            os.replace(tmp, directory)
+            publish(tmp, directory, directory=True)
             shutil.rmtree(old)
         else:
-            os.replace(tmp, directory)
+            publish(tmp, directory, directory=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

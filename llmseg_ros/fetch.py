@@ -20,6 +20,8 @@ from typing import Any
 
 from tqdm import tqdm
 
+from llmseg_ros.atomic import publish
+
 SAM_RELEASE = "https://dl.fbaipublicfiles.com/segment_anything/"
 SAM_FILES = {
     "vit_h": "sam_vit_h_4b8939.pth",
@@ -97,7 +99,7 @@ def download_url(
                 f"checksum mismatch for {url}: MD5 {digest.hexdigest()} does not start with "
                 f"{expected_md5_prefix}; the download is corrupt, try again"
             )
-        os.replace(tmp, dest)
+        publish(tmp, dest)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)

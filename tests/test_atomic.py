@@ -53,3 +53,25 @@ def test_failed_directory_write_leaves_the_old_directory(tmp_path: Path) -> None
     with pytest.raises(RuntimeError), atomic_directory(tmp_path / "fresh"):
         raise RuntimeError("nothing written")
     assert [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o077])
+def test_results_get_the_permissions_of_plain_writes(tmp_path: Path, umask: int) -> None:
+    """Not the owner-only modes of temporary files: the node may run as another user."""
+    import os
+    import stat
+
+    from llmseg_ros.atomic import atomic_write_stream, default_mode
+
+    old = os.umask(umask)
+    try:
+        assert default_mode() == 0o666 & ~umask and default_mode(directory=True) == 0o777 & ~umask
+        written = atomic_write_bytes(tmp_path / "a.bin", b"x")
+        streamed = atomic_write_stream(tmp_path / "b.bin", lambda fh: fh.write(b"y"), fsync=True)
+        with atomic_directory(tmp_path / "d") as tmp:
+            (tmp / "f").write_text("z")
+        for path, expected in ((written, 0o666), (streamed, 0o666), (tmp_path / "d", 0o777)):
+            assert stat.S_IMODE(path.stat().st_mode) == expected & ~umask, path
+        assert streamed.read_bytes() == b"y"
+    finally:
+        os.umask(old)

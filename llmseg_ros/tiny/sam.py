@@ -12,13 +12,12 @@ and the IoU head predicts values around 0.85, so the reference filters (predicte
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from segment_anything.modeling import Sam
 
+from llmseg_ros.atomic import atomic_write_stream
 from llmseg_ros.sam import TINY_SAM_DEFAULT_IMAGE_SIZE, build_tiny_sam_architecture
 
 # Scale of the hypernetwork output layers (mask logits) and of the IoU head.
@@ -86,12 +85,4 @@ def save_tiny_sam(path: str | Path, seed: int = 0, image_size: int = TINY_SAM_DE
     path = Path(path).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
     state = build_tiny_sam(seed, image_size).state_dict()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_stream(path, lambda handle: torch.save(state, handle))

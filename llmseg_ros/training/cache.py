@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from llmseg_ros.atomic import atomic_write_stream
 from llmseg_ros.data.rle import decode_rle, encode_rle
 from llmseg_ros.types import Proposals
 
@@ -65,22 +64,6 @@ def image_key(path: str | Path) -> str:
 def shard_name(index: int) -> str:
     """File stem of shard ``index`` (``00000``, ``00001`` ...)."""
     return f"{index:05d}"
-
-
-def atomic_write_stream(path: Path, write: Any) -> None:
-    """Call ``write(binary_file)`` on a temporary file next to ``path``, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
-        raise
 
 
 @dataclass
@@ -425,6 +408,8 @@ def write_shard(
         if len(features) != len(records):
             raise ValueError(f"got {len(features)} feature arrays for {len(records)} records")
         arrays: dict[str, Any] = {str(i): np.asarray(f, dtype=np.float16) for i, f in enumerate(features)}
-        atomic_write_stream(shard_path(directory, index, ".npz"), lambda fh: np.savez(fh, **arrays))
+        atomic_write_stream(
+            shard_path(directory, index, ".npz"), lambda fh: np.savez(fh, **arrays), fsync=True
+        )
     payload = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records).encode("utf-8")
-    atomic_write_stream(shard_path(directory, index, ".jsonl"), lambda fh: fh.write(payload))
+    atomic_write_stream(shard_path(directory, index, ".jsonl"), lambda fh: fh.write(payload), fsync=True)
