@@ -18,7 +18,9 @@ encoder, mask decoder, post-processing = everything else) and end to end; the ra
 reference / fast; and agreement: how many reference masks have a fast mask with
 IoU >= 0.99 and vice versa, and whether the outputs are identical. ``--worst-case``
 turns the score filters and NMS off (predicted IoU > -1e4, stability >= 0, NMS 1.0) so
-that post-processing handles 3 masks for every point. Results go to
+that post-processing handles 3 masks for every point. ``--decoder exact`` times the
+bit-exact mask decoder instead of the default factored one (see ``llmseg_ros.proposals``);
+``--encoder-dtype`` / ``--compile-encoder`` are the fast path's CUDA options. Results go to
 ``<out>/proposals_<model>_<setting>.{json,md}``.
 """
 
@@ -30,7 +32,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -43,6 +44,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from llmseg_ros.atomic import atomic_write_text
+from llmseg_ros.config import PROPOSAL_DECODERS
 from llmseg_ros.device import resolve_device
 from llmseg_ros.proposals import ProposalGenerator
 from llmseg_ros.sam import SAM_MODEL_TYPES, build_sam
@@ -232,6 +235,8 @@ def to_markdown(result: dict[str, Any]) -> str:
         f"- weights: {result['weights']}",
         f"- images: {result['images']} synthetic scenes {result['image_sizes']}, repeats {result['repeats']}",
         f"- parameters: {json.dumps(result['parameters'])}",
+        f"- fast path: mask decoder `{result['parameters']['decoder']}`, "
+        f"options {json.dumps(result.get('fast_options', {}))}",
         f"- machine: {result['machine']['device_name']} ({result['machine']['cpu_cores']} cores, "
         f"{result['machine']['torch_threads']} torch threads, load average before the run "
         f"{result['machine'].get('load_average')}), torch {result['machine']['torch']}, "
@@ -260,18 +265,6 @@ def to_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
     device = resolve_device(args.device)
     sam, weights = build_model(args, device)
@@ -282,7 +275,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.worst_case:
         params.update(pred_iou_thresh=-1e4, stability_score_thresh=0.0, box_nms_thresh=1.0)
     generators = {
-        impl: ProposalGenerator(sam, implementation=impl, **params) for impl in ("reference", "fast")
+        "reference": ProposalGenerator(sam, implementation="reference", **params),
+        "fast": ProposalGenerator(
+            sam,
+            implementation="fast",
+            decoder=args.decoder,
+            encoder_dtype=args.encoder_dtype,
+            compile_encoder=args.compile_encoder,
+            **params,
+        ),
     }
     sizes = [IMAGE_SIZES[i % len(IMAGE_SIZES)] for i in range(args.images)]
     images = [synthetic_scene(h, w, seed=1000 + i) for i, (h, w) in enumerate(sizes)]
@@ -319,6 +320,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "image_sizes": [f"{w}x{h}" for h, w in sizes],
         "repeats": args.repeats,
         "parameters": generators["fast"].config.__dict__ | {"implementation": "both"},
+        "fast_options": {"encoder_dtype": args.encoder_dtype, "compile_encoder": args.compile_encoder},
         "machine": machine_info(device),
         "median_seconds": medians,
         "speedup": medians["reference"]["total"] / medians["fast"]["total"],
@@ -341,6 +343,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--points-per-side", type=int, default=32)
     parser.add_argument("--points-per-batch", type=int, default=64)
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    parser.add_argument(
+        "--decoder", choices=PROPOSAL_DECODERS, default="factored", help="the fast path's mask decoder"
+    )
+    parser.add_argument(
+        "--encoder-dtype", choices=("float16", "bfloat16"), default=None, help="fast path, CUDA only"
+    )
+    parser.add_argument(
+        "--compile-encoder", action="store_true", help="torch.compile the encoder (fast, CUDA)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="random-weights seed")
     parser.add_argument("--raw-weights", action="store_true", help="random weights without liven_sam")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
@@ -358,8 +369,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(markdown)
     stem = f"proposals_{args.model}_{result['setting']}"
-    atomic_write(args.out / f"{stem}.json", json.dumps(result, indent=2) + "\n")
-    atomic_write(args.out / f"{stem}.md", markdown)
+    atomic_write_text(args.out / f"{stem}.json", json.dumps(result, indent=2) + "\n")
+    atomic_write_text(args.out / f"{stem}.md", markdown)
     print(f"wrote {args.out / stem}.json and .md")
     return 0
 

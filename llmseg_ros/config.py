@@ -24,6 +24,7 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 SAM_MODEL_TYPES = ("vit_h", "vit_l", "vit_b", "tiny")
 QUANTIZATION = (None, "8bit", "4bit")
 PROPOSAL_IMPLEMENTATIONS = ("fast", "reference")
+PROPOSAL_DECODERS = ("factored", "exact")
 
 
 def _check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:
@@ -49,6 +50,7 @@ class ProposalConfig:
     max_proposals: int = 50
     max_long_side: int = 1024
     implementation: str = "fast"
+    decoder: str = "factored"
 
     def __post_init__(self) -> None:
         if self.points_per_side < 1:
@@ -62,6 +64,7 @@ class ProposalConfig:
         if self.max_long_side < 16:
             raise ValueError(f"max_long_side must be >= 16, got {self.max_long_side}")
         _check_choice("implementation", self.implementation, PROPOSAL_IMPLEMENTATIONS)
+        _check_choice("decoder", self.decoder, PROPOSAL_DECODERS)
 
 
 @dataclass

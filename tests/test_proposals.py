@@ -12,7 +12,9 @@ from llmseg_ros.config import ProposalConfig
 from llmseg_ros.proposals import (
     _SHARED_PREFIX_EXACT,
     ProposalGenerator,
-    _FastDecoder,
+    _ExactDecoder,
+    _FactoredDecoder,
+    _pixel_counts,
     _PostProcessor,
     _window_extreme,
     boxes_from_masks,
@@ -66,11 +68,55 @@ def sam1024():
     return build_tiny_sam(seed=0, image_size=1024)
 
 
-def run_both(sam, image, **params) -> tuple[Proposals, Proposals]:
+@pytest.fixture(params=["factored", "exact"])
+def decoder(request) -> str:
+    """The fast path's mask decoder under test."""
+    return request.param
+
+
+def run_both(sam, image, decoder="exact", **params) -> tuple[Proposals, Proposals]:
     params.setdefault("points_per_side", 8)
     ref = ProposalGenerator(sam, implementation="reference", **params).generate(image)
-    fast = ProposalGenerator(sam, implementation="fast", **params).generate(image)
+    fast = ProposalGenerator(sam, implementation="fast", decoder=decoder, **params).generate(image)
     return ref, fast
+
+
+def mask_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(A, H, W) x (B, H, W) bool → (A, B) IoU."""
+    fa = a.reshape(len(a), -1).astype(np.float64)
+    fb = b.reshape(len(b), -1).astype(np.float64)
+    inter = fa @ fb.T
+    union = fa.sum(1)[:, None] + fb.sum(1)[None, :] - inter
+    return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
+
+
+def assert_agree(ref: Proposals, fast: Proposals) -> None:
+    """The factored decoder's contract: the same number of masks, and every mask of each
+    side has a partner on the other side with mask IoU >= 0.99, the same predicted IoU
+    (1e-5), stability score (1e-3) and prompt point (1e-4). Partners are not unique: one
+    mask often comes from several points."""
+    assert len(ref) == len(fast)
+    assert ref.masks.shape == fast.masks.shape
+    if not len(ref):
+        return
+    partner = (
+        (mask_iou(ref.masks, fast.masks) >= 0.99)
+        & (np.abs(ref.predicted_iou[:, None] - fast.predicted_iou[None, :]) <= 1e-5)
+        & (np.abs(ref.stability_score[:, None] - fast.stability_score[None, :]) <= 1e-3)
+        & (np.abs(ref.point_coords[:, None, :] - fast.point_coords[None, :, :]).max(axis=-1) <= 1e-4)
+    )
+    assert partner.any(axis=1).all(), (
+        f"reference masks without a partner: {np.flatnonzero(~partner.any(axis=1))}"
+    )
+    assert partner.any(axis=0).all(), f"fast masks without a partner: {np.flatnonzero(~partner.any(axis=0))}"
+
+
+def check(ref: Proposals, fast: Proposals, decoder: str) -> None:
+    """Bit-for-bit equality for the exact decoder, agreement for the factored one."""
+    if decoder == "exact":
+        assert_same(ref, fast)
+    else:
+        assert_agree(ref, fast)
 
 
 def assert_same(ref: Proposals, fast: Proposals) -> None:
@@ -95,50 +141,52 @@ def areas(p: Proposals) -> np.ndarray:
 
 
 @pytest.mark.parametrize("size", [(96, 128), (75, 100)])
-def test_worst_case_equals_reference(sam256, size):
+def test_worst_case_equals_reference(sam256, size, decoder):
     image = scene(*size, seed=1)
-    ref, fast = run_both(sam256, image, max_proposals=1000, **WORST_CASE)
+    ref, fast = run_both(sam256, image, decoder, max_proposals=1000, **WORST_CASE)
     assert len(ref) == 3 * 8 * 8  # every mask of every point survives
-    assert_same(ref, fast)
+    check(ref, fast, decoder)
 
 
+@pytest.mark.parametrize("size", [(96, 128), (192, 256)], ids=["upscaled", "encoder_size"])
 @pytest.mark.parametrize("params", [WORST_CASE, MANY], ids=["worst_case", "many"])
-def test_truncated_equals_reference(sam256, params):
-    # Only masks that can be among the largest max_proposals are measured exactly.
-    image = scene(96, 128, seed=14)
-    ref, fast = run_both(sam256, image, max_proposals=7, **params)
+def test_truncated_equals_reference(sam256, params, size, decoder):
+    # Only masks that can be among the largest max_proposals are measured exactly; at the
+    # encoder's size the bounds use the narrow window.
+    image = scene(*size, seed=14)
+    ref, fast = run_both(sam256, image, decoder, max_proposals=7, **params)
     assert len(ref) == 7
-    assert_same(ref, fast)
+    check(ref, fast, decoder)
 
 
-def test_worst_case_equals_reference_at_1024(sam1024):
+def test_worst_case_equals_reference_at_1024(sam1024, decoder):
     image = scene(120, 160, seed=2)
-    ref, fast = run_both(sam1024, image, points_per_side=4, max_proposals=1000, **WORST_CASE)
+    ref, fast = run_both(sam1024, image, decoder, points_per_side=4, max_proposals=1000, **WORST_CASE)
     assert len(ref) == 3 * 4 * 4
-    assert_same(ref, fast)
+    check(ref, fast, decoder)
 
 
 @pytest.mark.parametrize(("seed", "params", "expected"), [(3, MANY, (40, 150)), (8, MANY_NMS, (5, 40))])
-def test_many_survivors_equal_reference(sam256, seed, params, expected):
+def test_many_survivors_equal_reference(sam256, seed, params, expected, decoder):
     image = scene(90, 120, seed=seed)
-    ref, fast = run_both(sam256, image, max_proposals=1000, **params)
+    ref, fast = run_both(sam256, image, decoder, max_proposals=1000, **params)
     assert expected[0] <= len(ref) <= expected[1]  # the filters keep many masks and drop many
-    assert_same(ref, fast)
+    check(ref, fast, decoder)
 
 
-def test_default_setting_equals_reference(sam1024):
+def test_default_setting_equals_reference(sam1024, decoder):
     image = scene(120, 160, seed=5)
-    ref, fast = run_both(sam1024, image, points_per_side=4)
+    ref, fast = run_both(sam1024, image, decoder, points_per_side=4)
     assert len(ref) >= 1
-    assert_same(ref, fast)
+    check(ref, fast, decoder)
 
 
-def test_odd_batches_equal_reference(sam256):
+def test_odd_batches_equal_reference(sam256, decoder):
     # 49 points in batches of 10: the last batch is smaller and some batches have no mask
     # above the IoU threshold.
     image = scene(64, 80, seed=6)
-    ref, fast = run_both(sam256, image, points_per_side=7, points_per_batch=10, pred_iou_thresh=0.99)
-    assert_same(ref, fast)
+    ref, fast = run_both(sam256, image, decoder, points_per_side=7, points_per_batch=10, pred_iou_thresh=0.99)
+    check(ref, fast, decoder)
 
 
 def test_decoder_without_shared_projections_equals_reference(sam256, monkeypatch):
@@ -148,23 +196,77 @@ def test_decoder_without_shared_projections_equals_reference(sam256, monkeypatch
     assert_same(ref, fast)
 
 
-def test_fast_decoder_is_bit_exact(sam256):
+def decode_with_sam(sam, features, points):
+    labels = torch.ones(points.shape[0], 1, dtype=torch.int)
+    sparse, dense = sam.prompt_encoder(points=(points[:, None], labels), boxes=None, masks=None)
+    masks, iou = sam.mask_decoder(features, sam.prompt_encoder.get_dense_pe(), sparse, dense, True)
+    return iou, masks
+
+
+def test_exact_decoder_is_bit_exact(sam256):
     sam = sam256
     features = torch.randn(1, 32, 16, 16)
-    decoder = _FastDecoder(sam)
+    decoder = _ExactDecoder(sam)
     ctx = decoder.context(features)
     points = torch.rand(12, 2, dtype=torch.float64) * 200
-    labels = torch.ones(12, 1, dtype=torch.int)
+    every = lambda iou: torch.ones(iou.shape[0], dtype=torch.bool)  # noqa: E731
     with torch.inference_mode():
-        iou, low_res = decoder(ctx, points, lambda _: True)
-        sparse, dense = sam.prompt_encoder(points=(points[:, None], labels), boxes=None, masks=None)
-        ref_masks, ref_iou = sam.mask_decoder(
-            features, sam.prompt_encoder.get_dense_pe(), sparse, dense, True
+        iou, low_res, index = decoder(ctx, points, every)
+        ref_iou, ref_masks = decode_with_sam(sam, features, points)
+        skipped_iou, skipped, skipped_index = decoder(
+            ctx, points, lambda iou: torch.zeros(iou.shape[0], dtype=torch.bool)
         )
-        skipped_iou, skipped = decoder(ctx, points, lambda _: False)
     assert torch.equal(iou, ref_iou) and torch.equal(skipped_iou, ref_iou)
-    assert low_res is not None and torch.equal(low_res, ref_masks)
-    assert skipped is None
+    assert torch.equal(low_res, ref_masks) and torch.equal(index, torch.arange(12))
+    assert skipped.shape[0] == 0 and skipped_index.numel() == 0
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 5])
+def test_factored_decoder_matches_sam_forward(sam256, chunk):
+    # Same function as MaskDecoder.forward in another summation order; masks computed only
+    # for the points the filter asks for, in increasing order.
+    sam = sam256
+    torch.manual_seed(3)
+    features = torch.randn(1, 32, 16, 16)
+    decoder = _FactoredDecoder(sam, chunk=chunk)
+    ctx = decoder.context(features)
+    points = torch.rand(13, 2, dtype=torch.float64) * 250
+    wanted = torch.tensor([i % 3 == 1 for i in range(13)])
+    seen = []
+
+    def some(iou):
+        seen.append(iou.shape[0])
+        start = sum(seen) - iou.shape[0]
+        return wanted[start : start + iou.shape[0]]
+
+    with torch.inference_mode():
+        ref_iou, ref_masks = decode_with_sam(sam, features, points)
+        iou, low_res, index = decoder(ctx, points, some)
+        all_iou, all_masks, all_index = decoder(
+            ctx, points, lambda iou: torch.ones(iou.shape[0], dtype=torch.bool)
+        )
+    assert max(seen) <= chunk
+    scale = ref_masks.abs().max()
+    torch.testing.assert_close(iou, ref_iou, rtol=0, atol=1e-5)
+    assert torch.equal(index, torch.nonzero(wanted).flatten())
+    torch.testing.assert_close(low_res, ref_masks[index], rtol=0, atol=1e-5 * scale)
+    assert torch.equal(all_index, torch.arange(13))
+    torch.testing.assert_close(all_masks, ref_masks, rtol=0, atol=1e-5 * scale)
+    torch.testing.assert_close(all_iou, ref_iou, rtol=0, atol=1e-5)
+
+
+def test_factored_decoder_without_channels_last_head(sam256, monkeypatch):
+    # A model whose upscaling head is not the two 2x2 transposed convolutions of SAM falls
+    # back to the module's own forward.
+    decoder = _FactoredDecoder(sam256)
+    monkeypatch.setattr(decoder, "_channels_last", False)
+    features = torch.randn(1, 32, 16, 16)
+    points = torch.rand(6, 2, dtype=torch.float64) * 250
+    with torch.inference_mode():
+        every = lambda iou: torch.ones(iou.shape[0], dtype=torch.bool)  # noqa: E731
+        _, low_res, _ = decoder(decoder.context(features), points, every)
+        _, ref_masks = decode_with_sam(sam256, features, points)
+    torch.testing.assert_close(low_res, ref_masks, rtol=0, atol=1e-5 * ref_masks.abs().max())
 
 
 # -- output contract ------------------------------------------------------------------------
@@ -172,15 +274,20 @@ def test_fast_decoder_is_bit_exact(sam256):
 
 def test_sorted_by_area_and_truncated(sam256):
     image = scene(96, 128, seed=8)
-    full = ProposalGenerator(sam256, points_per_side=8, max_proposals=1000, **WORST_CASE).generate(image)
+    params = {"points_per_side": 8, **WORST_CASE}
+    full = ProposalGenerator(sam256, max_proposals=1000, decoder="exact", **params).generate(image)
     assert np.all(np.diff(areas(full)) <= 0)
-    for impl in ("fast", "reference"):
+    for impl, decoder in (("fast", "exact"), ("reference", "exact"), ("fast", "factored")):
         top = ProposalGenerator(
-            sam256, points_per_side=8, max_proposals=5, implementation=impl, **WORST_CASE
+            sam256, max_proposals=5, implementation=impl, decoder=decoder, **params
         ).generate(image)
         assert len(top) == 5
-        np.testing.assert_array_equal(top.masks, full.masks[:5])
-        np.testing.assert_array_equal(top.predicted_iou, full.predicted_iou[:5])
+        if decoder == "exact":
+            np.testing.assert_array_equal(top.masks, full.masks[:5])
+            np.testing.assert_array_equal(top.predicted_iou, full.predicted_iou[:5])
+        else:
+            assert np.all(np.diff(areas(top)) <= 0)
+            assert_agree(full.subset(np.arange(5)), top)
 
 
 def test_output_types_and_boxes(sam256):
@@ -251,6 +358,8 @@ def test_bad_parameters(sam256):
         ProposalGenerator(sam256, encoder_dtype="float16")
     with pytest.raises(ValueError, match="encoder_dtype"):
         ProposalGenerator(sam256, encoder_dtype="int8")
+    with pytest.raises(ValueError, match=r"decoder must be one of \['factored', 'exact'\], got 'fast'"):
+        ProposalGenerator(sam256, decoder="fast")
 
 
 def test_from_config(sam256):
@@ -267,6 +376,16 @@ def test_from_config(sam256):
 
 
 # -- helpers --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(4, 17, 23), (2, 1, 300), (1, 2**15 + 3, 2)])
+def test_pixel_counts_equal_sum(shape):
+    # Tall masks (over 2**15 rows) take the int32 column sums.
+    masks = torch.from_numpy(np.random.default_rng(1).random(shape) > 0.3)
+    masks[0, :, 0] = True
+    counts = _pixel_counts(masks)
+    assert counts.dtype == torch.int32
+    assert torch.equal(counts.long(), masks.sum(dim=(1, 2)))
 
 
 def test_boxes_match_segment_anything():
@@ -326,6 +445,8 @@ def test_count_bounds_hold(sam256, original, input_size):
     grid = torch.zeros((1, 2), dtype=torch.float64)
     post = _PostProcessor(sam256, ProposalConfig(), grid, input_size, original)
     count = post._bounds(low)
+    # The 2 x 2 window when the second resize is the identity, the wide one otherwise.
+    assert post.window == ((0, 1) if original == input_size else (2, 3))
     logits = upsample_logits(low, 256, input_size, original)
     for t in (-1.0, 0.0, 1.0, 37.5):
         exact = (logits > t).sum(dim=(1, 2)).double()
@@ -334,9 +455,15 @@ def test_count_bounds_hold(sam256, original, input_size):
         assert torch.all(upper[:6] - lower[:6] < 0.6 * original[0] * original[1])  # informative when smooth
 
 
-def test_window_extreme_matches_max_pool():
+@pytest.mark.parametrize("window", [(2, 3), (0, 1)])
+def test_window_extreme_matches_a_loop(window):
+    before, after = window
     x = torch.randn(3, 11, 9)
-    padded = torch.nn.functional.pad(x[:, None], (2, 3, 2, 3), value=-float("inf"))
-    expected = torch.nn.functional.max_pool2d(padded, 6, stride=1)[:, 0]
-    assert torch.equal(_window_extreme(x, largest=True), expected)
-    assert torch.equal(_window_extreme(-x, largest=False), -expected)
+    expected_max, expected_min = torch.empty_like(x), torch.empty_like(x)
+    for i in range(11):
+        for j in range(9):
+            patch = x[:, max(0, i - before) : i + after + 1, max(0, j - before) : j + after + 1]
+            expected_max[:, i, j] = patch.amax(dim=(1, 2))
+            expected_min[:, i, j] = patch.amin(dim=(1, 2))
+    assert torch.equal(_window_extreme(x, largest=True, window=window), expected_max)
+    assert torch.equal(_window_extreme(x, largest=False, window=window), expected_min)

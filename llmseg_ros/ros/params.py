@@ -137,6 +137,7 @@ DESCRIPTIONS: dict[str, str] = {
     "proposals.max_proposals": "keep at most this many proposals (largest first)",
     "proposals.max_long_side": "downscale the image so its long side is at most this (pixels)",
     "proposals.implementation": "fast (ours) or reference (segment_anything's generator)",
+    "proposals.decoder": "fast path's mask decoder: factored (fastest, same masks) or exact (bit-exact)",
     "selection.strategy": "top1_iou, iop_threshold, top1_iou_iop_threshold, topk_iou_iop_threshold",
     "selection.iop_threshold": "IoP threshold in [0, 1]",
     "selection.top_k": "k of the topk_iou_iop_threshold strategy",
