@@ -8,20 +8,21 @@ import pytest
 import torch
 from segment_anything.utils.amg import batched_mask_to_box
 
+from llmseg_ros.amg.exact_decoder import SHARED_PREFIX_EXACT, ExactDecoder
+from llmseg_ros.amg.factored_decoder import FactoredDecoder
+from llmseg_ros.amg.postprocess import (
+    PostProcessor,
+    boxes_from_masks,
+    pixel_counts,
+    upsample_logits,
+    window_extreme,
+)
 from llmseg_ros.config import ProposalConfig
 from llmseg_ros.proposals import (
-    _SHARED_PREFIX_EXACT,
     ProposalGenerator,
-    _ExactDecoder,
-    _FactoredDecoder,
-    _pixel_counts,
-    _PostProcessor,
-    _window_extreme,
-    boxes_from_masks,
     downscale_long_side,
     mask_boxes_xyxy,
     resize_masks_nearest,
-    upsample_logits,
 )
 from llmseg_ros.tiny.sam import build_tiny_sam
 from llmseg_ros.types import Proposals
@@ -190,7 +191,7 @@ def test_odd_batches_equal_reference(sam256, decoder):
 
 
 def test_decoder_without_shared_projections_equals_reference(sam256, monkeypatch):
-    monkeypatch.setitem(_SHARED_PREFIX_EXACT, sam256, False)
+    monkeypatch.setitem(SHARED_PREFIX_EXACT, sam256, False)
     image = scene(96, 128, seed=7)
     ref, fast = run_both(sam256, image, max_proposals=1000, **MANY)
     assert_same(ref, fast)
@@ -206,7 +207,7 @@ def decode_with_sam(sam, features, points):
 def test_exact_decoder_is_bit_exact(sam256):
     sam = sam256
     features = torch.randn(1, 32, 16, 16)
-    decoder = _ExactDecoder(sam)
+    decoder = ExactDecoder(sam)
     ctx = decoder.context(features)
     points = torch.rand(12, 2, dtype=torch.float64) * 200
     every = lambda iou: torch.ones(iou.shape[0], dtype=torch.bool)  # noqa: E731
@@ -228,7 +229,7 @@ def test_factored_decoder_matches_sam_forward(sam256, chunk):
     sam = sam256
     torch.manual_seed(3)
     features = torch.randn(1, 32, 16, 16)
-    decoder = _FactoredDecoder(sam, chunk=chunk)
+    decoder = FactoredDecoder(sam, chunk=chunk)
     ctx = decoder.context(features)
     points = torch.rand(13, 2, dtype=torch.float64) * 250
     wanted = torch.tensor([i % 3 == 1 for i in range(13)])
@@ -258,7 +259,7 @@ def test_factored_decoder_matches_sam_forward(sam256, chunk):
 def test_factored_decoder_without_channels_last_head(sam256, monkeypatch):
     # A model whose upscaling head is not the two 2x2 transposed convolutions of SAM falls
     # back to the module's own forward.
-    decoder = _FactoredDecoder(sam256)
+    decoder = FactoredDecoder(sam256)
     monkeypatch.setattr(decoder, "_channels_last", False)
     features = torch.randn(1, 32, 16, 16)
     points = torch.rand(6, 2, dtype=torch.float64) * 250
@@ -383,7 +384,7 @@ def test_pixel_counts_equal_sum(shape):
     # Tall masks (over 2**15 rows) take the int32 column sums.
     masks = torch.from_numpy(np.random.default_rng(1).random(shape) > 0.3)
     masks[0, :, 0] = True
-    counts = _pixel_counts(masks)
+    counts = pixel_counts(masks)
     assert counts.dtype == torch.int32
     assert torch.equal(counts.long(), masks.sum(dim=(1, 2)))
 
@@ -443,7 +444,7 @@ def test_count_bounds_hold(sam256, original, input_size):
     low = torch.nn.functional.interpolate(torch.randn(6, 1, 4, 4), (64, 64), mode="bilinear")[:, 0] * 200
     low = torch.cat([low, torch.randn(2, 64, 64)])
     grid = torch.zeros((1, 2), dtype=torch.float64)
-    post = _PostProcessor(sam256, ProposalConfig(), grid, input_size, original)
+    post = PostProcessor(sam256, ProposalConfig(), grid, input_size, original)
     count = post._bounds(low)
     # The 2 x 2 window when the second resize is the identity, the wide one otherwise.
     assert post.window == ((0, 1) if original == input_size else (2, 3))
@@ -465,5 +466,5 @@ def test_window_extreme_matches_a_loop(window):
             patch = x[:, max(0, i - before) : i + after + 1, max(0, j - before) : j + after + 1]
             expected_max[:, i, j] = patch.amax(dim=(1, 2))
             expected_min[:, i, j] = patch.amin(dim=(1, 2))
-    assert torch.equal(_window_extreme(x, largest=True, window=window), expected_max)
-    assert torch.equal(_window_extreme(x, largest=False, window=window), expected_min)
+    assert torch.equal(window_extreme(x, largest=True, window=window), expected_max)
+    assert torch.equal(window_extreme(x, largest=False, window=window), expected_min)
