@@ -15,6 +15,8 @@ import torch
 from segment_anything.modeling import Sam
 from segment_anything.modeling.transformer import Attention
 
+from llmseg_ros.amg.tokens import point_prompt_tokens
+
 logger = logging.getLogger(__name__)
 
 # Per SAM model: whether the decoder with shared first-block projections reproduced SAM's
@@ -159,14 +161,9 @@ class ExactDecoder:
             low_res: (S, 3, 4h, 4w) float32 logits of the points ``index``;
             index: (S,) int64 indices into the batch (S = B or 0).
         """
-        labels = torch.ones(points.shape[0], dtype=torch.int, device=points.device)
-        sparse, _ = self.sam.prompt_encoder(
-            points=(points[:, None, :], labels[:, None]), boxes=None, masks=None
-        )
         decoder = self.decoder
-        b = sparse.shape[0]
-        output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
-        tokens = torch.cat((output_tokens.unsqueeze(0).expand(b, -1, -1), sparse), dim=1)
+        tokens = point_prompt_tokens(self.sam, points)
+        b = tokens.shape[0]
         hs, keys = self._transformer(ctx, tokens)
         iou = decoder.iou_prediction_head(hs[:, 0, :])[:, 1:]
         if not bool(need_masks(iou).any()):

@@ -14,6 +14,8 @@ from segment_anything.modeling import Sam
 from segment_anything.modeling.common import LayerNorm2d
 from segment_anything.modeling.transformer import Attention
 
+from llmseg_ros.amg.tokens import point_prompt_tokens
+
 
 class Scratch:
     """Reusable scratch tensors, one per name, grown on demand. Large tensors allocated
@@ -333,14 +335,9 @@ class FactoredDecoder:
             low_res: (S, 3, 4h, 4w) float32 logits of the points ``index``;
             index: (S,) int64 increasing indices into the batch.
         """
-        labels = torch.ones(points.shape[0], dtype=torch.int, device=points.device)
-        sparse, _ = self.sam.prompt_encoder(
-            points=(points[:, None, :], labels[:, None]), boxes=None, masks=None
-        )
         decoder = self.decoder
-        b = sparse.shape[0]
-        output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
-        tokens = torch.cat((output_tokens.unsqueeze(0).expand(b, -1, -1), sparse), dim=1)
+        tokens = point_prompt_tokens(self.sam, points)
+        b = tokens.shape[0]
         height, width = ctx.size
         masks = points.new_empty((b, decoder.num_mask_tokens - 1, 4 * height, 4 * width), dtype=torch.float32)
         ious, indices = [], []
