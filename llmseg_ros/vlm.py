@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import inspect
 import json
 import os
 from dataclasses import dataclass, field
@@ -171,6 +172,10 @@ class SegVLM:
         self.source = source
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         self._llava: Any = base
+        # transformers 5.x renamed the key/value cache argument and output field
+        # `past_key_values` to `cache`; use whichever this model's forward takes.
+        forward_params = inspect.signature(base.model.forward).parameters
+        self._cache_name = "cache" if "cache" in forward_params else "past_key_values"
         config = base.config
         self.hidden_size = int(config.text_config.hidden_size)
         self.image_token_id = int(config.image_token_id)
@@ -463,14 +468,11 @@ class SegVLM:
         kwargs: dict[str, Any] = dict(extra_image_inputs or {})
         if pixel_values is not None:
             kwargs["pixel_values"] = pixel_values
+        kwargs[self._cache_name] = past_key_values
         out = self._llava.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            past_key_values=past_key_values,
-            use_cache=use_cache,
-            **kwargs,
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache, **kwargs
         )
-        return out.last_hidden_state, out.past_key_values
+        return out.last_hidden_state, getattr(out, self._cache_name)
 
     def _prompt_ids(
         self, prefix: VLMPrefix | None, image: np.ndarray | None, text: str
