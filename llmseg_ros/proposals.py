@@ -20,9 +20,10 @@ Two implementations produce the same masks:
 
     * ``"factored"`` (default) folds the projections of the 4096 image tokens of each
       point into its 7 prompt tokens (attention is linear in the keys and values, see
-      :class:`llmseg_ros.amg.factored_decoder.FactoredDecoder`), computes the first two-way block's image projections
-      once per image, runs the upscaling head only for points with a mask above the IoU
-      threshold, channels-last, in chunks that stay in the CPU caches. The arithmetic is
+      :class:`llmseg_ros.amg.factored_decoder.FactoredDecoder`), computes the first
+      two-way block's image projections once per image, runs the upscaling head only for
+      points with a mask above the IoU threshold, channels-last, in chunks that stay in
+      the CPU caches. The arithmetic is
       the same function in another summation order: logits agree with SAM's forward to
       float32 rounding (relative 1e-6), which can move a mask pixel only where a logit or
       a score is within that rounding of its threshold;
