@@ -9,7 +9,7 @@ Layout of one checkpoint (``OUTPUT_DIR/checkpoints/step-00000500/``)::
     rng_<rank>.pt     RNG states of python ``random``, numpy, torch CPU and CUDA, per process
     engine/           DeepSpeed only: the engine's checkpoint (sharded optimizer states)
 
-It is written into ``step-XXXXXXXX.tmp`` and renamed into place once complete, so a crash
+It is written into ``step-NNNNNNNN.tmp`` and renamed into place once complete, so a crash
 never leaves a checkpoint that looks finished. Files are read with ``torch.load(...,
 weights_only=False)``: only load checkpoints you wrote yourself.
 """
