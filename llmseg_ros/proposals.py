@@ -65,6 +65,7 @@ from segment_anything.modeling import Sam
 from segment_anything.utils.amg import build_point_grid
 from segment_anything.utils.transforms import ResizeLongestSide
 
+from llmseg_ros.amg.decoding import PointDecoder
 from llmseg_ros.amg.exact_decoder import ExactDecoder
 from llmseg_ros.amg.factored_decoder import FactoredDecoder
 from llmseg_ros.amg.postprocess import PostProcessor, area_order
@@ -215,7 +216,7 @@ class ProposalGenerator:
         self._encoder: Callable[[torch.Tensor], torch.Tensor] = sam.image_encoder
         if compile_encoder:
             self._encoder = torch.compile(sam.image_encoder)
-        self._decoder: ExactDecoder | FactoredDecoder = (
+        self._decoder: PointDecoder[Any] = (
             FactoredDecoder(sam) if decoder == "factored" else ExactDecoder(sam)
         )
         self._reference: SamAutomaticMaskGenerator | None = None
@@ -368,7 +369,7 @@ class ProposalGenerator:
         for start in range(0, in_points.shape[0], cfg.points_per_batch):
             stop = start + cfg.points_per_batch
             t_a = time.perf_counter()
-            iou, low_res, index = self._decoder(ctx, in_points[start:stop], need_masks)  # type: ignore[arg-type]
+            iou, low_res, index = self._decoder(ctx, in_points[start:stop], need_masks)
             self._sync()
             t_b = time.perf_counter()
             decode_time += t_b - t_a

@@ -15,7 +15,7 @@ import torch
 from segment_anything.modeling import Sam
 from segment_anything.modeling.transformer import Attention
 
-from llmseg_ros.amg.tokens import point_prompt_tokens
+from llmseg_ros.amg.decoding import point_prompt_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -148,19 +148,8 @@ class ExactDecoder:
         points: torch.Tensor,
         need_masks: Callable[[torch.Tensor], torch.Tensor],
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Decode a batch of single-point prompts.
-
-        Args:
-            ctx: the image's context.
-            points: (B, 2) float64 XY in the encoder frame (``ResizeLongestSide.apply_coords``).
-            need_masks: called with the (B, 3) predicted IoUs, returns (B,) bool: the
-                points whose masks are needed. This decoder computes the masks of the
-                whole batch (the reference's shapes) when any is needed, else none.
-        Returns:
-            iou: (B, 3) float32 predicted IoU of the three multimask outputs;
-            low_res: (S, 3, 4h, 4w) float32 logits of the points ``index``;
-            index: (S,) int64 indices into the batch (S = B or 0).
-        """
+        """Decode a batch (see ``PointDecoder``). The masks of the whole batch (the
+        reference's shapes) are computed when any point needs them, else none (S = B or 0)."""
         decoder = self.decoder
         tokens = point_prompt_tokens(self.sam, points)
         b = tokens.shape[0]

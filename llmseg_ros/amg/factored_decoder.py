@@ -14,7 +14,7 @@ from segment_anything.modeling import Sam
 from segment_anything.modeling.common import LayerNorm2d
 from segment_anything.modeling.transformer import Attention
 
-from llmseg_ros.amg.tokens import point_prompt_tokens
+from llmseg_ros.amg.decoding import point_prompt_tokens
 
 
 class Scratch:
@@ -94,7 +94,7 @@ class FactoredDecoder:
         self.transformer = sam.mask_decoder.transformer
         self.chunk = chunk
         self.scratch = Scratch()
-        self.check_seconds = 0.0  # no one-time check (interface of ExactDecoder)
+        self.check_seconds = 0.0  # no one-time check (PointDecoder)
         up = self.decoder.output_upscaling
         convs = [up[i] for i in (0, 3)] if len(up) == 5 else []
         self._channels_last = (
@@ -323,18 +323,8 @@ class FactoredDecoder:
         points: torch.Tensor,
         need_masks: Callable[[torch.Tensor], torch.Tensor],
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Decode a batch of single-point prompts.
-
-        Args:
-            ctx: the image's context.
-            points: (B, 2) float64 XY in the encoder frame (``ResizeLongestSide.apply_coords``).
-            need_masks: called with (b, 3) predicted IoUs of some of the points, returns
-                (b,) bool: the points whose masks are computed.
-        Returns:
-            iou: (B, 3) float32 predicted IoU of the three multimask outputs;
-            low_res: (S, 3, 4h, 4w) float32 logits of the points ``index``;
-            index: (S,) int64 increasing indices into the batch.
-        """
+        """Decode a batch (see ``PointDecoder``), ``chunk`` points at a time; ``need_masks``
+        sees each chunk's IoUs and only the points it selects are upscaled."""
         decoder = self.decoder
         tokens = point_prompt_tokens(self.sam, points)
         b = tokens.shape[0]
