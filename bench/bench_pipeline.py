@@ -33,10 +33,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from llmseg_ros.atomic import atomic_write_text
 from llmseg_ros.config import SegmenterConfig
-from llmseg_ros.imageio import read_rgb
 from llmseg_ros.pipeline import ReasonSegmenter
+from llmseg_ros.utils.atomic import atomic_write_text
+from llmseg_ros.utils.imageio import read_rgb
 
 DEMO = Path(__file__).resolve().parents[1] / "llmseg_ros" / "assets" / "kitchen.jpg"
 INSTRUCTIONS = [
@@ -167,8 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.config is not None:
         config = SegmenterConfig.from_file(args.config)
     else:
-        from llmseg_ros.cli import default_cache_dir
-        from llmseg_ros.tiny import build_tiny_profile
+        from llmseg_ros.tiny import build_tiny_profile, default_cache_dir
 
         print("tiny profile: tiny random models (mechanics and ratios only, not real-model latency)")
         config = build_tiny_profile(args.tiny_dir or default_cache_dir() / "tiny", method=args.method)

@@ -19,7 +19,7 @@ reference / fast; and agreement: how many reference masks have a fast mask with
 IoU >= 0.99 and vice versa, and whether the outputs are identical. ``--worst-case``
 turns the score filters and NMS off (predicted IoU > -1e4, stability >= 0, NMS 1.0) so
 that post-processing handles 3 masks for every point. ``--decoder exact`` times the
-bit-exact mask decoder instead of the default factored one (see ``llmseg_ros.proposals``);
+bit-exact mask decoder instead of the default factored one (see ``llmseg_ros.models.proposals``);
 ``--encoder-dtype`` / ``--compile-encoder`` are the fast path's CUDA options. Results go to
 ``<out>/proposals_<model>_<setting>.{json,md}``.
 """
@@ -44,13 +44,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from llmseg_ros.atomic import atomic_write_text
 from llmseg_ros.config import PROPOSAL_DECODERS
-from llmseg_ros.device import resolve_device
-from llmseg_ros.proposals import ProposalGenerator
-from llmseg_ros.sam import SAM_MODEL_TYPES, build_sam
+from llmseg_ros.models.proposals import ProposalGenerator
+from llmseg_ros.models.sam import SAM_MODEL_TYPES, build_sam
 from llmseg_ros.tiny.sam import build_tiny_sam, liven_sam
 from llmseg_ros.types import Proposals
+from llmseg_ros.utils.atomic import atomic_write_text
+from llmseg_ros.utils.device import resolve_device
 
 IMAGE_SIZES = ((480, 640), (768, 1024))  # (H, W), used in turn
 STAGES = ("image_encoder", "mask_decoder", "postprocess", "total", "cpu_total")

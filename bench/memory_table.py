@@ -114,8 +114,8 @@ def split_vlm(model: nn.Module) -> tuple[int, int]:
 
 
 def heads_params(hidden: int) -> int:
-    from llmseg_ros.heads import TextProjection
-    from llmseg_ros.selector import ProposalSelector
+    from llmseg_ros.models.heads import TextProjection
+    from llmseg_ros.models.selector import ProposalSelector
 
     with torch.device("meta"):
         return _count(TextProjection(hidden)) + _count(ProposalSelector()) + 1024 * 256 + 256
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     md = to_markdown(res)
     print(md)
     args.out.mkdir(parents=True, exist_ok=True)
-    from llmseg_ros.atomic import atomic_write_text
+    from llmseg_ros.utils.atomic import atomic_write_text
 
     for name, text in (("memory.json", json.dumps(res, indent=2) + "\n"), ("memory.md", md)):
         atomic_write_text(args.out / name, text)

@@ -85,15 +85,14 @@ class PerceptionNode(LifecycleNode):
             values = {name: self.get_parameter(name).value for name in default_parameters()}
             config, settings = split_parameters(values)
             if settings.profile == "tiny":
-                from llmseg_ros.cli import TINY_BANNER, default_cache_dir
-                from llmseg_ros.tiny import build_tiny_profile
+                from llmseg_ros.tiny import TINY_BANNER, build_tiny_profile, default_cache_dir
 
                 self.get_logger().warning(TINY_BANNER)
                 tiny = build_tiny_profile(default_cache_dir() / "tiny", method=config.method)
                 config = tiny.replace(
                     selection=config.selection, max_instruction_chars=config.max_instruction_chars
                 )
-            from llmseg_ros.components import missing_inputs
+            from llmseg_ros.models.components import missing_inputs
             from llmseg_ros.pipeline import ReasonSegmenter
 
             missing = missing_inputs(config)

@@ -20,11 +20,11 @@ from typing import Any
 
 import numpy as np
 
-from llmseg_ros.components import Components
 from llmseg_ros.config import SegmenterConfig, SelectionConfig
-from llmseg_ros.imageio import check_rgb_image
 from llmseg_ros.methods import SegmentationMethod, SegmentRequest, build_method
+from llmseg_ros.models.components import Components
 from llmseg_ros.types import FrameFeatures, SegmentResult
+from llmseg_ros.utils.imageio import check_rgb_image
 
 FRAME_KEY = "frame_key"
 DEFAULT_ANSWER = "It is <SEG>."

@@ -1,4 +1,4 @@
-"""Atomic file and directory writes (llmseg_ros.atomic)."""
+"""Atomic file and directory writes (llmseg_ros.utils.atomic)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from llmseg_ros.atomic import atomic_directory, atomic_write_bytes, atomic_write_json, atomic_write_text
+from llmseg_ros.utils.atomic import atomic_directory, atomic_write_bytes, atomic_write_json, atomic_write_text
 
 
 def test_file_writes_create_parents_and_replace(tmp_path: Path) -> None:
@@ -61,7 +61,7 @@ def test_results_get_the_permissions_of_plain_writes(tmp_path: Path, umask: int)
     import os
     import stat
 
-    from llmseg_ros.atomic import atomic_write_stream, default_mode
+    from llmseg_ros.utils.atomic import atomic_write_stream, default_mode
 
     old = os.umask(umask)
     try:

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from ros_testing import FakeSegmenter, camera_info_msg, colour_image, image_msg
 
-from llmseg_ros.bag_replay import ReplayTopics, detect_storage, replay_bag
+from llmseg_ros.ros.bag_replay import ReplayTopics, detect_storage, replay_bag
 from llmseg_ros.ros.frames import stamp_to_ns
 from llmseg_ros.ros.images import image_to_numpy
 from llmseg_ros.ros.schedule import ReplaySchedule

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from llmseg_ros.chat_vlm import ChatOutput, ChatVLM
-from llmseg_ros.methods.coords import qwen_input_size, smart_resize
-from llmseg_ros.weights import WeightsNotFoundError
+from llmseg_ros.models.chat_vlm import ChatOutput, ChatVLM
+from llmseg_ros.models.coords import qwen_input_size, smart_resize
+from llmseg_ros.weights.directory import WeightsNotFoundError
 
 CPU = torch.device("cpu")
 

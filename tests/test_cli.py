@@ -13,7 +13,8 @@ import cv2
 import numpy as np
 import pytest
 
-from llmseg_ros import cli, fetch
+from llmseg_ros import cli
+from llmseg_ros.weights import fetch
 
 DEMO = Path(__file__).resolve().parents[1] / "llmseg_ros" / "assets" / "kitchen.jpg"
 

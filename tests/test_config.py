@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from llmseg_ros.config import LoraSettings, ProposalConfig, SegmenterConfig, SelectionConfig
-from llmseg_ros.device import resolve_device, resolve_dtype
+from llmseg_ros.utils.device import resolve_device, resolve_dtype
 
 
 def test_defaults_match_the_reference() -> None:

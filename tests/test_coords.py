@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from llmseg_ros.methods.coords import (
+from llmseg_ros.models.coords import (
     QWEN_MAX_PIXELS,
     QWEN_MIN_PIXELS,
     map_boxes,

@@ -816,7 +816,7 @@ def test_local_transformers_llm(tiny_llava: Path, tmp_path: Path) -> None:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from llmseg_ros.datagen.llm import build_client
+    from llmseg_ros.datagen.clients import build_client
     from llmseg_ros.datagen.local_llm import TransformersChatClient
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_llava)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from llmseg_ros.embeddings import PIXEL_MEAN, PIXEL_STD, MaskEmbedder
+from llmseg_ros.models.embeddings import PIXEL_MEAN, PIXEL_STD, MaskEmbedder
 from llmseg_ros.tiny.vision import TINY_DINOV2_HIDDEN, save_tiny_dinov2
 
 INPUT = 112  # tiny model pre-trained at 56 → position embeddings interpolated 4×4 → 8×8

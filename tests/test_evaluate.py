@@ -1,4 +1,4 @@
-"""training/evaluate.py and llmseg_ros.evaluation on small fixtures with hand-computed metrics."""
+"""training/evaluate.py and llmseg_ros.evaluation.report on small fixtures with hand-computed metrics."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ import pytest
 
 from llmseg_ros.data import JsonlDataset, encode_rle, qa_pair, write_jsonl, write_llmseg40k
 from llmseg_ros.data.synthetic import write_synthetic_dataset
-from llmseg_ros.evaluation import WorstSamples, compare_methods, evaluate_samples, overlay
-from llmseg_ros.metrics import IOU_EPS, reasonseg_metrics
+from llmseg_ros.evaluation.metrics import IOU_EPS, reasonseg_metrics
+from llmseg_ros.evaluation.report import WorstSamples, compare_methods, evaluate_samples, overlay
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -8,12 +8,12 @@ import torch
 
 from llmseg_ros.methods.grounded import (
     PHRASE_SUFFIX,
-    GroundingDetector,
     boxes_to_mask,
     extract_phrase,
     grounding_prompt,
 )
-from llmseg_ros.sam_prompting import decode_masks, encode_image
+from llmseg_ros.models.detector import GroundingDetector
+from llmseg_ros.models.sam_prompting import decode_masks, encode_image
 
 
 @pytest.mark.parametrize(
@@ -41,7 +41,7 @@ def test_prompt_appends_the_papers_suffix() -> None:
 
 @pytest.fixture(scope="module")
 def tiny_sam(tmp_path_factory):
-    from llmseg_ros.sam import build_sam
+    from llmseg_ros.models.sam import build_sam
     from llmseg_ros.tiny.sam import save_tiny_sam
 
     path = save_tiny_sam(tmp_path_factory.mktemp("sam") / "sam_tiny.pth", seed=0)

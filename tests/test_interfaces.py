@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from ros_testing import REPO, msg_type
 
-from llmseg_ros.bag_replay import SEGMENTATION_MSG, SEGMENTATION_MSGTYPE
+from llmseg_ros.ros.bag_replay import SEGMENTATION_MSG, SEGMENTATION_MSGTYPE
 
 INTERFACES = sorted(
     p.relative_to(REPO).as_posix() for p in [*REPO.glob("msg/*.msg"), *REPO.glob("srv/*.srv")]

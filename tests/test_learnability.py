@@ -64,7 +64,7 @@ class CachedProposals:
 
 
 def giou(samples: list[Sample], predict: Callable[[Sample], np.ndarray]) -> float:
-    from llmseg_ros.evaluation import evaluate_samples
+    from llmseg_ros.evaluation.report import evaluate_samples
 
     summary, _ = evaluate_samples(samples, predict)
     return float(summary["giou"])
@@ -74,10 +74,10 @@ def method_from_weights(
     weights_dir: Path, models: dict[str, str], generator: CachedProposals
 ) -> LLMSegMethod:
     """The inference method (LLMSegMethod) on exported weights, as the pipeline builds it."""
-    from llmseg_ros.components import Components
     from llmseg_ros.config import SegmenterConfig
-    from llmseg_ros.heads import TextProjection
-    from llmseg_ros.selector import ProposalSelector
+    from llmseg_ros.models.components import Components
+    from llmseg_ros.models.heads import TextProjection
+    from llmseg_ros.models.selector import ProposalSelector
 
     components = Components(
         SegmenterConfig(
@@ -103,8 +103,8 @@ def method_from_weights(
 def test_training_learns_the_synthetic_task(tmp_path: Path) -> None:
     import torch
 
-    from llmseg_ros.embeddings import MaskEmbedder
     from llmseg_ros.methods.base import SegmentRequest
+    from llmseg_ros.models.embeddings import MaskEmbedder
     from llmseg_ros.training.trainer import Trainer
 
     torch.set_num_threads(2)

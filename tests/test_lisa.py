@@ -6,13 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from llmseg_ros.methods.lisa import LisaMaskHead, lisa_mask_loss
-from llmseg_ros.sam_prompting import decode_masks, encode_image
+from llmseg_ros.models.heads import LisaMaskHead
+from llmseg_ros.models.losses import lisa_mask_loss
+from llmseg_ros.models.sam_prompting import decode_masks, encode_image
 
 
 @pytest.fixture(scope="module")
 def sam(tmp_path_factory):
-    from llmseg_ros.sam import build_sam
+    from llmseg_ros.models.sam import build_sam
     from llmseg_ros.tiny.sam import save_tiny_sam
 
     path = save_tiny_sam(tmp_path_factory.mktemp("sam") / "sam.pth", seed=0)

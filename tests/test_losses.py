@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llmseg_ros.losses import (
+from llmseg_ros.models.losses import (
     dice_loss,
     iop_loss,
     iou_kl_loss,

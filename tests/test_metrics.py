@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from llmseg_ros.metrics import (
+from llmseg_ros.evaluation.metrics import (
     IOU_EPS,
     MetricAccumulator,
     reasonseg_metrics,

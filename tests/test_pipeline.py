@@ -86,7 +86,7 @@ def test_frame_reuse_and_prefix_cache(tiny_config_factory, scene_image) -> None:
 
 def test_weights_round_trip_reproduces_outputs(tiny_config_factory, scene_image, tmp_path) -> None:
     """Save the loaded heads + adapter with save_weights, load them back: same outputs."""
-    from llmseg_ros.weights import load_weights, save_weights
+    from llmseg_ros.weights.directory import load_weights, save_weights
 
     config = tiny_config_factory("llmseg")
     seg = ReasonSegmenter(config)

@@ -276,9 +276,9 @@ def test_cli_with_the_real_tiny_proposal_stage(tmp_path: Path, capsys: pytest.Ca
     """training/precompute.py --profile tiny: tiny SAM + tiny DINOv2 through the real loaders."""
     import torch
 
-    from llmseg_ros.embeddings import MaskEmbedder
-    from llmseg_ros.proposals import ProposalGenerator
-    from llmseg_ros.sam import build_sam
+    from llmseg_ros.models.embeddings import MaskEmbedder
+    from llmseg_ros.models.proposals import ProposalGenerator
+    from llmseg_ros.models.sam import build_sam
     from llmseg_ros.tiny import TINY_EMBED_SIZE, TINY_PROPOSALS
 
     folder = tmp_path / "images"

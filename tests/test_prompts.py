@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from llmseg_ros import prompts
-from llmseg_ros.prompts import (
+from llmseg_ros.models import prompts
+from llmseg_ros.models.prompts import (
     ANSWER_TEMPLATES,
     DEFAULT_ANSWER,
     EXPLANATORY_QUESTION_TEMPLATES,

@@ -8,17 +8,17 @@ import pytest
 import torch
 from segment_anything.utils.amg import batched_mask_to_box
 
-from llmseg_ros.amg.exact_decoder import SHARED_PREFIX_EXACT, ExactDecoder
-from llmseg_ros.amg.factored_decoder import FactoredDecoder
-from llmseg_ros.amg.postprocess import (
+from llmseg_ros.config import ProposalConfig
+from llmseg_ros.models.amg.exact_decoder import SHARED_PREFIX_EXACT, ExactDecoder
+from llmseg_ros.models.amg.factored_decoder import FactoredDecoder
+from llmseg_ros.models.amg.postprocess import (
     PostProcessor,
     boxes_from_masks,
     pixel_counts,
     upsample_logits,
     window_extreme,
 )
-from llmseg_ros.config import ProposalConfig
-from llmseg_ros.proposals import (
+from llmseg_ros.models.proposals import (
     ProposalGenerator,
     downscale_long_side,
     mask_boxes_xyxy,

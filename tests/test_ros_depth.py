@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from ros_testing import camera_info_msg, msg_type, typestore
 
-from llmseg_ros.bag_replay import message_types
+from llmseg_ros.ros.bag_replay import message_types
 from llmseg_ros.ros.depth import (
     Intrinsics,
     cloud_to_xyz,

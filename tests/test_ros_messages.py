@@ -18,7 +18,7 @@ from ros_testing import (
     typestore,
 )
 
-from llmseg_ros.bag_replay import message_types
+from llmseg_ros.ros.bag_replay import message_types
 from llmseg_ros.ros.depth import cloud_to_xyz, depth_to_points
 from llmseg_ros.ros.frames import FrameBuffer, frame_from_messages
 from llmseg_ros.ros.handler import HandlerSettings, RequestHandler, SegmentationOutcome

@@ -218,7 +218,7 @@ def node_module(monkeypatch: pytest.MonkeyPatch) -> Any:
     for name, stub in stubs.items():
         monkeypatch.setitem(sys.modules, name, stub)
     monkeypatch.delitem(sys.modules, "llmseg_ros.node", raising=False)
-    import llmseg_ros.components
+    import llmseg_ros.models.components
     import llmseg_ros.pipeline
 
     class Segmenter(FakeSegmenter):
@@ -238,7 +238,7 @@ def node_module(monkeypatch: pytest.MonkeyPatch) -> Any:
             return {"method": "fake"}
 
     monkeypatch.setattr(llmseg_ros.pipeline, "ReasonSegmenter", Segmenter)
-    monkeypatch.setattr(llmseg_ros.components, "missing_inputs", lambda config: [])
+    monkeypatch.setattr(llmseg_ros.models.components, "missing_inputs", lambda config: [])
     mod = importlib.import_module("llmseg_ros.node")
     yield mod
     sys.modules.pop("llmseg_ros.node", None)

@@ -7,8 +7,8 @@ import pytest
 import torch
 from segment_anything import SamPredictor
 
-from llmseg_ros.proposals import ProposalGenerator
-from llmseg_ros.sam import SAM_CHECKPOINT_FILES, SAM_CHECKPOINT_URLS, build_sam
+from llmseg_ros.models.proposals import ProposalGenerator
+from llmseg_ros.models.sam import SAM_CHECKPOINT_FILES, SAM_CHECKPOINT_URLS, build_sam
 from llmseg_ros.tiny.sam import build_tiny_sam, save_tiny_sam
 
 

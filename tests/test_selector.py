@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from llmseg_ros.config import SELECTION_STRATEGIES
-from llmseg_ros.heads import TextProjection
-from llmseg_ros.selector import FusionBlock, MaskedAttention, ProposalSelector, select, union_mask
+from llmseg_ros.models.heads import TextProjection
+from llmseg_ros.models.selector import FusionBlock, MaskedAttention, ProposalSelector, select, union_mask
 
 SMALL = {"dim": 32, "num_heads": 4, "mlp_dim": 64, "iou_hidden": 48, "iop_hidden": 16}
 

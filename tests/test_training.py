@@ -19,7 +19,7 @@ import torch
 
 from llmseg_ros.data.jsonl import read_jsonl_records
 from llmseg_ros.data.synthetic import SyntheticConfig, generate_split, write_synthetic_dataset
-from llmseg_ros.prompts import SEG_TOKEN
+from llmseg_ros.models.prompts import SEG_TOKEN
 from llmseg_ros.tiny import TINY_EMBED_SIZE, TINY_PROPOSALS
 from llmseg_ros.training.checkpoint import list_checkpoints
 from llmseg_ros.training.config import DataSource, TrainConfig
@@ -36,7 +36,7 @@ SYNTHETIC = SyntheticConfig(image_size=64, min_objects=2, max_objects=3, familie
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     """Tiny base models, 4 synthetic training scenes, an oracle proposal cache with features."""
-    from llmseg_ros.embeddings import MaskEmbedder
+    from llmseg_ros.models.embeddings import MaskEmbedder
 
     root = tmp_path_factory.mktemp("training")
     models = build_tiny_models(root / "models")
@@ -192,7 +192,7 @@ def test_data_mix_is_stateless_and_follows_the_rates(setup: dict[str, object]) -
 
 
 def test_pooling_at_the_grid_equals_the_embedders_pooling(setup: dict[str, object]) -> None:
-    from llmseg_ros.embeddings import MaskEmbedder
+    from llmseg_ros.models.embeddings import MaskEmbedder
     from llmseg_ros.training.modules import pool_at_grid, upsample_matrix
 
     models = setup["models"]
@@ -262,7 +262,7 @@ def test_step_moves_trainable_weights_only_and_export_loads_back(
     # The export is what the pipeline loads: same heads, same adapter, same scores.
     from llmseg_ros.config import SegmenterConfig
     from llmseg_ros.pipeline import ReasonSegmenter
-    from llmseg_ros.weights import load_weights
+    from llmseg_ros.weights.directory import load_weights
 
     assert result.weights_dir is not None
     loaded = load_weights(result.weights_dir)
@@ -407,7 +407,7 @@ def test_cli_tiny_profile_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixtu
         == 0
     )
     assert "finished 2 steps" in capsys.readouterr().out
-    from llmseg_ros.weights import load_weights
+    from llmseg_ros.weights.directory import load_weights
 
     weights = load_weights(tmp_path / "run" / "weights")
     assert weights.manifest.sam_model_type == "tiny" and weights.adapter_dir is not None
@@ -421,10 +421,10 @@ def test_lisa_training_learns_keeps_sam_frozen_and_exports_for_the_pipeline(
 ) -> None:
     """method: lisa — same script and data; LM + 2·BCE + 0.5·Dice; SAM's encoders frozen."""
     from llmseg_ros.config import SegmenterConfig
+    from llmseg_ros.models.sam_prompting import encode_image
     from llmseg_ros.pipeline import ReasonSegmenter
-    from llmseg_ros.sam_prompting import encode_image
     from llmseg_ros.training.modules import LisaTrainModules
-    from llmseg_ros.weights import load_weights
+    from llmseg_ros.weights.directory import load_weights
 
     config = make_config(
         setup, tmp_path / "lisa", method="lisa", max_steps=12, grad_accum=1, batch_size=2, checkpoint_every=0

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from llmseg_ros.config import LoraSettings
-from llmseg_ros.prompts import SEG_TOKEN
+from llmseg_ros.models.prompts import SEG_TOKEN
+from llmseg_ros.models.vlm import SegVLM, VLMPrefix
 from llmseg_ros.tiny.vlm import IMAGE_SIZE, NUM_IMAGE_TOKENS, PATCH_SIZE, save_tiny_llava
-from llmseg_ros.vlm import SegVLM, VLMPrefix
 
 CPU = torch.device("cpu")
 INSTRUCTIONS = (

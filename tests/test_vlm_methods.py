@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 
-from llmseg_ros.chat_vlm import ChatOutput, ChatVLM
 from llmseg_ros.methods.base import SegmentationMethod, SegmentRequest
 from llmseg_ros.methods.vlm_grounding import SAM_CACHE_KEY, VLMGroundingMethod
 from llmseg_ros.methods.vlm_marks import (
@@ -24,6 +23,7 @@ from llmseg_ros.methods.vlm_marks import (
     ZOOM_LAYOUT_KEY,
     VLMMarksMethod,
 )
+from llmseg_ros.models.chat_vlm import ChatOutput, ChatVLM
 from llmseg_ros.types import Proposals
 
 CPU = torch.device("cpu")
@@ -33,7 +33,7 @@ CPU = torch.device("cpu")
 @pytest.fixture(scope="module")
 def tiny_sam(tmp_path_factory):
     """The tiny random SAM (segment_anything architecture), saved and loaded through build_sam."""
-    from llmseg_ros.sam import build_sam
+    from llmseg_ros.models.sam import build_sam
     from llmseg_ros.tiny.sam import save_tiny_sam
 
     path = save_tiny_sam(tmp_path_factory.mktemp("sam") / "sam_tiny.pth", seed=0)
@@ -210,7 +210,7 @@ def test_grounding_reuses_the_frame_encoding_in_any_order(qwen_chat, tiny_sam, s
     first = method.prepare(scene)
     second = method.prepare(other)
     calls = []
-    for module in ("llmseg_ros.methods.vlm_grounding", "llmseg_ros.sam_prompting"):
+    for module in ("llmseg_ros.methods.vlm_grounding", "llmseg_ros.models.sam_prompting"):
         monkeypatch.setattr(f"{module}.encode_image", lambda *a, **k: calls.append(a))
     on_first = method.segment(first, SegmentRequest("block"))
     on_second = method.segment(second, SegmentRequest("block"))

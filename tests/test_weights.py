@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from llmseg_ros.weights import (
+from llmseg_ros.weights.directory import (
     HEADS_NAME,
     MANIFEST_NAME,
     WeightsManifest,

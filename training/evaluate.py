@@ -68,7 +68,7 @@ from llmseg_ros.data.jsonl import JsonlDataset
 from llmseg_ros.data.llmseg40k import LLMSeg40KDataset
 from llmseg_ros.data.reasonseg import ReasonSegDataset
 from llmseg_ros.data.sample import Sample
-from llmseg_ros.evaluation import (
+from llmseg_ros.evaluation.report import (
     EvalRecord,
     Predictor,
     WorstSamples,

@@ -1,7 +1,7 @@
 """File reading and writing shared by the dataset readers and writers.
 
-Images are read and written through :mod:`llmseg_ros.imageio` (``(H, W, 3) uint8`` RGB).
-The atomic writers of :mod:`llmseg_ros.atomic` are re-exported here: the data lands in a
+Images are read and written through :mod:`llmseg_ros.utils.imageio` (``(H, W, 3) uint8`` RGB).
+The atomic writers of :mod:`llmseg_ros.utils.atomic` are re-exported here: the data lands in a
 temporary file in the destination folder, which then replaces the destination with
 ``os.replace``, so a reader never sees a half-written file.
 """
@@ -13,8 +13,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from llmseg_ros.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
-from llmseg_ros.imageio import read_rgb, write_image_atomic
+from llmseg_ros.utils.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
+from llmseg_ros.utils.imageio import read_rgb, write_image_atomic
 
 __all__ = [
     "atomic_write_bytes",

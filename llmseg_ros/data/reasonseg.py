@@ -46,8 +46,8 @@ def _shape_points(shape: Any, index: int) -> np.ndarray:
 
 
 def _draw(canvas: np.ndarray, points: np.ndarray, value: int) -> None:
-    cv2.polylines(canvas, [points], True, value, 1)
-    cv2.fillPoly(canvas, [points], value)
+    cv2.polylines(canvas, [points], True, (value,), 1)
+    cv2.fillPoly(canvas, [points], (value,))
 
 
 def mask_from_labelme(annotation: Mapping[str, Any], height: int, width: int) -> np.ndarray:

@@ -293,8 +293,8 @@ def _shape_polygon(shape: str, cx: float, cy: float, radius: float, angle: float
 def polygon_mask(polygon: np.ndarray, height: int, width: int) -> np.ndarray:
     """(H, W) bool raster of an (N, 2) int32 polygon: fill plus 1-px closed outline."""
     canvas = np.zeros((height, width), dtype=np.uint8)
-    cv2.polylines(canvas, [polygon], True, 1, 1)
-    cv2.fillPoly(canvas, [polygon], 1)
+    cv2.polylines(canvas, [polygon], True, (1,), 1)
+    cv2.fillPoly(canvas, [polygon], (1,))
     return canvas.astype(bool)
 
 

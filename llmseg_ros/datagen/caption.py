@@ -70,7 +70,7 @@ class VLMCaptioner:
         model_path: hub id or directory holding the model and its processor.
         prompt: the user instruction sent with the image.
         max_new_tokens: generation budget.
-        device, dtype: as in :func:`llmseg_ros.device.resolve_device` / ``resolve_dtype``.
+        device, dtype: as in :func:`llmseg_ros.utils.device.resolve_device` / ``resolve_dtype``.
 
     The model is loaded as ``AutoModelForImageTextToText`` (``LlavaForConditionalGeneration``
     when the auto class does not know the config). Decoding is greedy. When the processor
@@ -89,7 +89,7 @@ class VLMCaptioner:
         import torch
         from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaForConditionalGeneration
 
-        from llmseg_ros.device import resolve_device, resolve_dtype
+        from llmseg_ros.utils.device import resolve_device, resolve_dtype
 
         self._torch = torch
         self.device = resolve_device(device)

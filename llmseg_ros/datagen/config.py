@@ -65,7 +65,7 @@ class CaptionConfig:
         captions_path: JSON object mapping image file name → description; skips the VLM.
         prompt: the single-turn instruction sent with each image.
         max_new_tokens: generation budget of one description.
-        device, dtype: as in :func:`llmseg_ros.device.resolve_device` / ``resolve_dtype``.
+        device, dtype: as in :func:`llmseg_ros.utils.device.resolve_device` / ``resolve_dtype``.
     """
 
     model: str | None = None

@@ -359,12 +359,3 @@ class OpenAIChatClient:
             status,
             self.max_retries + 1,
         )
-
-
-def build_client(config: LLMConfig, environ: Mapping[str, str] | None = None) -> ChatClient:
-    """The local backend when ``config.local_model`` is set, else the HTTP client."""
-    if config.local_model is not None:
-        from llmseg_ros.datagen.local_llm import TransformersChatClient
-
-        return TransformersChatClient.from_config(config)
-    return OpenAIChatClient.from_config(config, environ)

@@ -17,7 +17,7 @@ class TransformersChatClient:
         model_path: hub id or directory of an ``AutoModelForCausalLM`` and its tokenizer.
         max_new_tokens: generation budget.
         temperature: ``None`` or 0 → greedy decoding; otherwise sampling at this temperature.
-        device, dtype: as in :func:`llmseg_ros.device.resolve_device` / ``resolve_dtype``.
+        device, dtype: as in :func:`llmseg_ros.utils.device.resolve_device` / ``resolve_dtype``.
 
     Token usage is counted from the tokenised prompt and the generated ids. Without a chat
     template the messages are joined as ``role: content`` lines ending in ``assistant:``.
@@ -35,7 +35,7 @@ class TransformersChatClient:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from llmseg_ros.device import resolve_device, resolve_dtype
+        from llmseg_ros.utils.device import resolve_device, resolve_dtype
 
         self._torch = torch
         self.device = resolve_device(device)

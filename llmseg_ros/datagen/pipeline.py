@@ -26,6 +26,7 @@ from llmseg_ros.data.io import atomic_write_json
 from llmseg_ros.data.llmseg40k import write_llmseg40k
 from llmseg_ros.data.rle import encode_rle
 from llmseg_ros.datagen.caption import CaptionSource, PrecomputedCaptions, build_caption_source
+from llmseg_ros.datagen.clients import build_client
 from llmseg_ros.datagen.coco import ImageEntry, InstanceIndex, sample_images
 from llmseg_ros.datagen.config import DatagenConfig
 from llmseg_ros.datagen.journal import Journal, sample_digest
@@ -36,7 +37,6 @@ from llmseg_ros.datagen.llm import (
     MeteredClient,
     Prices,
     UsageMeter,
-    build_client,
 )
 from llmseg_ros.datagen.parse import CategoryMatcher, filter_qa_pairs, parse_qa_pairs
 from llmseg_ros.datagen.prompt import build_messages

@@ -1,6 +1,6 @@
 """Segmentation methods behind one switch (``SegmenterConfig.method``).
 
-Each builder takes :class:`llmseg_ros.components.Components` and returns an object that
+Each builder takes :class:`llmseg_ros.models.components.Components` and returns an object that
 implements :class:`llmseg_ros.methods.base.SegmentationMethod`. Imports are lazy so that
 choosing one method never imports another's dependencies.
 """
@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from llmseg_ros.methods.base import SegmentationMethod, SegmentRequest
 
 if TYPE_CHECKING:
-    from llmseg_ros.components import Components
+    from llmseg_ros.models.components import Components
 
 __all__ = ["SegmentRequest", "SegmentationMethod", "build_method"]
 

@@ -1,7 +1,7 @@
 """The interface every segmentation method implements.
 
 A method turns a frame (prepared once) and an instruction into a :class:`SegmentResult`.
-Models are shared through :class:`llmseg_ros.components.Components`, which loads each
+Models are shared through :class:`llmseg_ros.models.components.Components`, which loads each
 one lazily and at most once, so switching methods never loads a model twice.
 """
 

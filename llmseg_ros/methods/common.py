@@ -27,10 +27,10 @@ if TYPE_CHECKING:
     from segment_anything.modeling import Sam
     from torch import nn
 
-    from llmseg_ros.components import Components
-    from llmseg_ros.sam_prompting import SamImageEncoding
-    from llmseg_ros.vlm import SegVLM, VLMPrefix
-    from llmseg_ros.weights import LoadedWeights
+    from llmseg_ros.models.components import Components
+    from llmseg_ros.models.sam_prompting import SamImageEncoding
+    from llmseg_ros.models.vlm import SegVLM, VLMPrefix
+    from llmseg_ros.weights.directory import LoadedWeights
 
 SAM_KEY = "sam_encoding"
 PREFIX_KEY = "seg_vlm_prefix"
@@ -50,9 +50,9 @@ def prepare_sam_frame(sam: Sam, image: np.ndarray, key: str = SAM_KEY) -> FrameF
         image: (H, W, 3) uint8 RGB.
     Returns:
         FrameFeatures with ``Proposals.empty(H, W)``, ``cache[key]`` the
-        :class:`~llmseg_ros.sam_prompting.SamImageEncoding` and the ``sam_encoder`` time (s).
+        :class:`~llmseg_ros.models.sam_prompting.SamImageEncoding` and the ``sam_encoder`` time (s).
     """
-    from llmseg_ros.sam_prompting import encode_image
+    from llmseg_ros.models.sam_prompting import encode_image
 
     t0 = time.perf_counter()
     encoding = encode_image(sam, image)

@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from torch import nn
 
 from llmseg_ros.methods.base import SegmentRequest
 from llmseg_ros.methods.common import (
@@ -27,94 +26,14 @@ from llmseg_ros.methods.common import (
     query_seg_hidden,
     trained_weights_and_vlm,
 )
-from llmseg_ros.sam_prompting import SamImageEncoding, decode_masks
+from llmseg_ros.models.heads import LisaMaskHead
 from llmseg_ros.types import FrameFeatures, SegmentResult
 
 if TYPE_CHECKING:
     from segment_anything.modeling import Sam
 
-    from llmseg_ros.components import Components
-    from llmseg_ros.vlm import SegVLM
-
-
-class LisaMaskHead(nn.Module):
-    """The trainable part of LISA: text projection + a copy of SAM's mask decoder.
-
-    SAM itself (image encoder, prompt encoder) stays frozen and shared: it is held by
-    reference, not registered as a submodule, so ``state_dict()`` / ``parameters()`` of
-    this head are exactly what LISA trains and what the weights directory stores.
-    """
-
-    def __init__(self, sam: Sam, hidden_size: int) -> None:
-        super().__init__()
-        import copy
-
-        from llmseg_ros.heads import TextProjection
-
-        self._sam = [sam]  # a list keeps SAM out of this module's parameters
-        self.projection = TextProjection(hidden_size, sam.prompt_encoder.embed_dim)
-        self.mask_decoder = copy.deepcopy(sam.mask_decoder)
-
-    @property
-    def sam(self) -> Sam:
-        return self._sam[0]
-
-    def forward(
-        self, encoding: SamImageEncoding, seg_hidden: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mask logits for one frame.
-
-        Args:
-            encoding: the frame's SAM encoding.
-            seg_hidden: (N, hidden) ``<SEG>`` hidden states (N prompts on this frame).
-        Returns:
-            logits (N, H, W) at the frame's resolution and IoU predictions (N,).
-        """
-        text = self.projection(seg_hidden.float()).unsqueeze(1)  # (N, 1, 256)
-        logits, iou = decode_masks(
-            self.sam, encoding, extra_sparse=text, multimask_output=False, mask_decoder=self.mask_decoder
-        )
-        return logits[:, 0], iou[:, 0]
-
-    def trainable_state_dicts(self) -> dict[str, dict[str, torch.Tensor]]:
-        """What the weights directory stores for LISA: projection and mask decoder."""
-        return {"projection": self.projection.state_dict(), "mask_decoder": self.mask_decoder.state_dict()}
-
-
-LISA_BCE_WEIGHT = 2.0
-LISA_DICE_WEIGHT = 0.5
-
-
-def lisa_mask_loss(
-    logits: torch.Tensor,
-    gt_masks: torch.Tensor,
-    bce_weight: float = LISA_BCE_WEIGHT,
-    dice_weight: float = LISA_DICE_WEIGHT,
-) -> dict[str, torch.Tensor]:
-    """LISA's mask loss: ``bce_weight · BCE + dice_weight · Dice`` (LM loss added by the caller).
-
-    Args:
-        logits: (N, H, W) mask logits at the ground truth's resolution.
-        gt_masks: (N, H, W) uint8/bool ground truth with 0/1, and 255 = ignore. Ignored
-            pixels are taken out of both terms (logit forced to a large negative value,
-            target 0, so they add nothing to BCE or Dice; they still count in BCE's
-            per-pixel mean).
-    Returns:
-        dict with ``total`` (weighted), ``bce`` and ``dice`` (unweighted), all scalars.
-    """
-    from llmseg_ros.losses import dice_loss, sigmoid_bce_loss
-
-    if logits.shape != gt_masks.shape:
-        raise ValueError(
-            f"gt_masks must have the shape of logits {tuple(logits.shape)}, got {tuple(gt_masks.shape)}"
-        )
-    gt = gt_masks.to(logits.device)
-    valid = gt != 255
-    targets = ((gt == 1) & valid).float()
-    masked_logits = torch.where(valid, logits.float(), torch.full_like(logits.float(), -1e4))
-    bce = sigmoid_bce_loss(masked_logits, targets)
-    dice = dice_loss(masked_logits, targets)
-    return {"total": bce_weight * bce + dice_weight * dice, "bce": bce, "dice": dice}
+    from llmseg_ros.models.components import Components
+    from llmseg_ros.models.vlm import SegVLM
 
 
 class LisaMethod:

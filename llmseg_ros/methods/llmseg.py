@@ -28,12 +28,12 @@ from llmseg_ros.methods.common import load_state, query_seg_hidden, sync, traine
 from llmseg_ros.types import FrameFeatures, SegmentResult
 
 if TYPE_CHECKING:
-    from llmseg_ros.components import Components
-    from llmseg_ros.embeddings import MaskEmbedder
-    from llmseg_ros.heads import TextProjection
-    from llmseg_ros.proposals import ProposalGenerator
-    from llmseg_ros.selector import ProposalSelector
-    from llmseg_ros.vlm import SegVLM
+    from llmseg_ros.models.components import Components
+    from llmseg_ros.models.embeddings import MaskEmbedder
+    from llmseg_ros.models.heads import TextProjection
+    from llmseg_ros.models.proposals import ProposalGenerator
+    from llmseg_ros.models.selector import ProposalSelector
+    from llmseg_ros.models.vlm import SegVLM
 
 
 def selection_confidence(
@@ -74,8 +74,8 @@ class LLMSegMethod:
 
     @classmethod
     def from_components(cls, components: Components) -> LLMSegMethod:
-        from llmseg_ros.heads import TextProjection
-        from llmseg_ros.selector import ProposalSelector
+        from llmseg_ros.models.heads import TextProjection
+        from llmseg_ros.models.selector import ProposalSelector
 
         weights, vlm = trained_weights_and_vlm(components, "llmseg")
         projection = TextProjection(weights.manifest.hidden_size, weights.manifest.embed_dim)
@@ -124,7 +124,7 @@ class LLMSegMethod:
         similarity_t, iop_t = self.selector.score(frame.mask_embeddings.to(self.device), query)
         similarity = similarity_t.float().cpu().numpy()
         iop = iop_t.float().cpu().numpy()
-        from llmseg_ros.selector import select, union_mask
+        from llmseg_ros.models.selector import select, union_mask
 
         selected = select(
             similarity, iop, selection.strategy, iop_threshold=selection.iop_threshold, top_k=selection.top_k

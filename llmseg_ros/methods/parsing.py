@@ -7,7 +7,7 @@
   trailing commas or a truncated end. When no JSON can be recovered, numeric 4-tuples
   after box keys (or bare bracketed 4-tuples, or Qwen2-VL's ``(x1,y1),(x2,y2)``) are
   collected best-effort. Coordinates are returned exactly as the model wrote them (its own
-  convention; see :mod:`llmseg_ros.methods.coords`), corners reordered to x1 <= x2,
+  convention; see :mod:`llmseg_ros.models.coords`), corners reordered to x1 <= x2,
   y1 <= y2.
 * :func:`parse_mark_numbers` — Set-of-Mark answers: which numbered marks the model named
   (``"3"``, ``"#3"``, ``"mark 3"``, ``"[3]"``, ``"3 and 5"``, ``"Marks 2 and 7"``,

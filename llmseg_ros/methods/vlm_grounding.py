@@ -5,7 +5,7 @@ training): the VLM reasons briefly about the instruction and answers with a JSON
 of objects ``{"bbox_2d": [x1, y1, x2, y2], "point_2d": [x, y], "label": ...}`` in its own
 coordinate convention (Qwen2.5-VL: absolute pixels of its resized input). The answer is
 parsed (:func:`~llmseg_ros.methods.parsing.parse_boxes`), mapped back to the original
-image (:mod:`~llmseg_ros.methods.coords`), and every object prompts SAM:
+image (:mod:`~llmseg_ros.models.coords`), and every object prompts SAM:
 
 * a box (with the object's points that lie inside it as positive clicks) →
   ``multimask_output=False``, SAM's single mask for an unambiguous prompt;
@@ -15,7 +15,7 @@ The result is the union of those masks. An answer without objects ("[]", "no suc
 object") is a valid, empty result.
 
 Per frame, ``prepare`` runs SAM's image encoder once
-(:func:`~llmseg_ros.sam_prompting.encode_image`) and keeps the encoding in
+(:func:`~llmseg_ros.models.sam_prompting.encode_image`) and keeps the encoding in
 ``FrameFeatures.cache["vlm_grounding_sam"]``; every instruction on that frame reuses it.
 The encoding is a value, not predictor state, so frames can be answered in any order and
 from several threads; masks and scores are those of ``segment_anything.SamPredictor``.
@@ -38,18 +38,18 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from llmseg_ros.imageio import check_rgb_image
 from llmseg_ros.methods.base import SegmentRequest
 from llmseg_ros.methods.common import prepare_sam_frame, proposal_free_result
-from llmseg_ros.methods.coords import map_boxes, map_points
 from llmseg_ros.methods.parsing import GroundedObject, extract_reasoning, parse_boxes
-from llmseg_ros.sam_prompting import SamImageEncoding, decode_masks, encode_image
+from llmseg_ros.models.coords import map_boxes, map_points
+from llmseg_ros.models.sam_prompting import SamImageEncoding, decode_masks, encode_image
 from llmseg_ros.types import FrameFeatures, SegmentResult
+from llmseg_ros.utils.imageio import check_rgb_image
 
 if TYPE_CHECKING:
     from segment_anything.modeling import Sam
 
-    from llmseg_ros.chat_vlm import ChatOutput, ChatVLM
+    from llmseg_ros.models.chat_vlm import ChatOutput, ChatVLM
 
 SAM_CACHE_KEY = "vlm_grounding_sam"
 

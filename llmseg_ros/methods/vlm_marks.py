@@ -38,14 +38,14 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 import torch
 
-from llmseg_ros.imageio import check_rgb_image
 from llmseg_ros.methods.base import SegmentRequest
 from llmseg_ros.methods.marks import MarkLayout, render_marks, render_zoom, small_regions
 from llmseg_ros.methods.parsing import mark_candidates, parse_mark_numbers
 from llmseg_ros.types import FrameFeatures, Proposals, SegmentResult
+from llmseg_ros.utils.imageio import check_rgb_image
 
 if TYPE_CHECKING:
-    from llmseg_ros.chat_vlm import ChatVLM
+    from llmseg_ros.models.chat_vlm import ChatVLM
 
 MARKS_IMAGE_KEY = "marks_image"
 MARKS_LAYOUT_KEY = "marks_layout"
@@ -54,7 +54,7 @@ ZOOM_LAYOUT_KEY = "marks_zoom_layout"
 
 
 class ProposalSource(Protocol):
-    """What the method needs from the proposal stage (``llmseg_ros.proposals.ProposalGenerator``)."""
+    """What the method needs from the proposal stage (``llmseg_ros.models.proposals.ProposalGenerator``)."""
 
     def generate(self, image: np.ndarray) -> Proposals: ...
 

@@ -84,7 +84,7 @@ def masked_depth(depth: np.ndarray, encoding: str, mask: np.ndarray) -> np.ndarr
         (H, W) array with the dtype of ``depth``.
     """
     _check_depth(depth, encoding)
-    keep = resize_mask_nearest(mask, depth.shape)
+    keep = resize_mask_nearest(mask, (depth.shape[0], depth.shape[1]))
     fill = 0 if encoding == "16UC1" else np.nan
     return np.where(keep, depth, np.asarray(fill, dtype=depth.dtype)).astype(depth.dtype)
 

@@ -231,13 +231,13 @@ def mask_to_image(mask: np.ndarray) -> ImageData:
     """(H, W) bool mask → mono8 image fields, 255 = selected, 0 = not."""
     if mask.ndim != 2:
         raise ValueError(f"mask must be (H, W), got shape {mask.shape}")
-    from llmseg_ros.imageio import mask_to_mono8
+    from llmseg_ros.utils.imageio import mask_to_mono8
 
     return numpy_to_image(mask_to_mono8(mask.astype(bool)), "mono8")
 
 
 def overlay_bgr(rgb: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Debug overlay of ``mask`` on ``rgb``: (H, W, 3) uint8 in BGR order (for ``bgr8``)."""
-    from llmseg_ros.imageio import render_overlay
+    from llmseg_ros.utils.imageio import render_overlay
 
     return np.ascontiguousarray(render_overlay(rgb, mask.astype(bool))[:, :, ::-1])

@@ -8,16 +8,31 @@ the pipeline on any machine, with no downloads. Their outputs are meaningless.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from llmseg_ros.atomic import atomic_directory
 from llmseg_ros.config import METHODS, ProposalConfig, SegmenterConfig
+from llmseg_ros.utils.atomic import atomic_directory
 
 TINY_PROFILE_VERSION = 2
 MARKER = "tiny_profile.json"
+TINY_BANNER = (
+    "*** TINY PROFILE: tiny RANDOM models stand in for SAM, DINOv2 and the VLM. ***\n"
+    "*** The mask shows the mechanics of the pipeline, not a meaningful answer. ***"
+)
+
+
+def default_cache_dir() -> Path:
+    """Where tiny models are kept: $LLMSEG_CACHE, else $XDG_CACHE_HOME/llmseg_ros, else ~/.cache/llmseg_ros."""
+    if os.environ.get("LLMSEG_CACHE"):
+        return Path(os.environ["LLMSEG_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "llmseg_ros"
+
+
 TINY_EMBED_SIZE = 112
 
 # Random SAM weights rarely pass the reference score filters, so the tiny profile keeps
@@ -36,13 +51,12 @@ def _build_trained_weights(directory: Path, seed: int) -> None:
     """Random (untrained) heads + LoRA adapters in the real weights format, for both
     trained methods: ``weights/`` (llmseg) and ``weights_lisa/`` (lisa)."""
     from llmseg_ros.config import LoraSettings
-    from llmseg_ros.embeddings import MaskEmbedder
-    from llmseg_ros.heads import TextProjection
-    from llmseg_ros.methods.lisa import LisaMaskHead
-    from llmseg_ros.sam import build_sam
-    from llmseg_ros.selector import ProposalSelector
-    from llmseg_ros.vlm import SegVLM
-    from llmseg_ros.weights import WeightsManifest, save_weights
+    from llmseg_ros.models.embeddings import MaskEmbedder
+    from llmseg_ros.models.heads import LisaMaskHead, TextProjection
+    from llmseg_ros.models.sam import build_sam
+    from llmseg_ros.models.selector import ProposalSelector
+    from llmseg_ros.models.vlm import SegVLM
+    from llmseg_ros.weights.directory import WeightsManifest, save_weights
 
     torch.manual_seed(seed)
     cpu = torch.device("cpu")

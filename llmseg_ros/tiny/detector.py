@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from llmseg_ros.atomic import atomic_directory
+from llmseg_ros.utils.atomic import atomic_directory
 
 # Words the tiny detector's WordPiece vocabulary knows (plus single letters and ##-pieces).
 _WORDS = [

@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from llmseg_ros.atomic import atomic_directory
 from llmseg_ros.tiny.bpe import train_byte_level_bpe
+from llmseg_ros.utils.atomic import atomic_directory
 
 PATCH_SIZE = 14
 MERGE_SIZE = 2

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from segment_anything.modeling import Sam
 
-from llmseg_ros.atomic import atomic_write_stream
-from llmseg_ros.sam import TINY_SAM_DEFAULT_IMAGE_SIZE, build_tiny_sam_architecture
+from llmseg_ros.models.sam import TINY_SAM_DEFAULT_IMAGE_SIZE, build_tiny_sam_architecture
+from llmseg_ros.utils.atomic import atomic_write_stream
 
 # Scale of the hypernetwork output layers (mask logits) and of the IoU head.
 TINY_MASK_LOGIT_GAIN = 2000.0
@@ -77,7 +77,7 @@ def build_tiny_sam(seed: int = 0, image_size: int = TINY_SAM_DEFAULT_IMAGE_SIZE)
 
 def save_tiny_sam(path: str | Path, seed: int = 0, image_size: int = TINY_SAM_DEFAULT_IMAGE_SIZE) -> Path:
     """Write the tiny SAM's state dict to ``path`` (atomically); load it back with
-    ``llmseg_ros.sam.build_sam("tiny", path)``.
+    ``llmseg_ros.models.sam.build_sam("tiny", path)``.
 
     Returns:
         ``path``.

@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from llmseg_ros.atomic import atomic_directory
 from llmseg_ros.tiny.bpe import train_byte_level_bpe
+from llmseg_ros.utils.atomic import atomic_directory
 
 # Sizes of the tiny model (CPU forward in milliseconds).
 IMAGE_SIZE = 64

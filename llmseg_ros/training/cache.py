@@ -33,9 +33,9 @@ from typing import Any
 
 import numpy as np
 
-from llmseg_ros.atomic import atomic_write_stream
 from llmseg_ros.data.rle import decode_rle, encode_rle
 from llmseg_ros.types import Proposals
+from llmseg_ros.utils.atomic import atomic_write_stream
 
 CACHE_FORMAT = "llmseg_ros.proposal_cache"
 CACHE_VERSION = 1

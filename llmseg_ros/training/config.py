@@ -46,7 +46,7 @@ class DataSource:
         instructions: ``random`` draws one of a sample's instructions (ReasonSeg's
             paraphrases) per draw, as LISA trains; ``first`` always uses the first.
         templates: ``lisa`` draws the question and answer templates at random from
-            LISA's lists (:mod:`llmseg_ros.prompts`), as LISA / LLM-Seg train;
+            LISA's lists (:mod:`llmseg_ros.models.prompts`), as LISA / LLM-Seg train;
             ``inference`` always uses the one prompt and answer the pipeline uses at
             inference time.
     """
@@ -105,7 +105,7 @@ class TrainConfig:
         sam_checkpoint / sam_model_type / proposals: SAM for sources without a cache
             (LLM-Seg), or the SAM whose mask decoder LISA fine-tunes.
         lora: LoRA settings of the VLM (r 8, α 16, dropout 0.05 on q_proj, v_proj).
-        init_weights: a weights directory (``llmseg_ros.weights`` format) to start from,
+        init_weights: a weights directory (``llmseg_ros.weights.directory`` format) to start from,
             e.g. the ReasonSeg model when fine-tuning on LLM-Seg40K; ``None`` = fresh heads
             and adapter.
         gradient_checkpointing: recompute the VLM's activations in the backward pass.

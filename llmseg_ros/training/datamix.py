@@ -3,7 +3,7 @@
 The stream is *stateless*: the example at position ``p`` depends only on (seed, p) —
 which source (probability ``rate / Σ rates``, LISA's ``sample_rate``), which sample of it
 (uniform, with replacement, as LISA draws), which of its instructions, and which
-question / answer template (LISA's lists, :mod:`llmseg_ros.prompts`, or the inference
+question / answer template (LISA's lists, :mod:`llmseg_ros.models.prompts`, or the inference
 prompt). A run's data
 position is therefore one integer, which makes resuming exact, lets DataLoader workers
 build examples in any order, and gives each process of a multi-GPU run its own
@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from llmseg_ros.data.sample import Sample
-from llmseg_ros.losses import proposal_targets
-from llmseg_ros.prompts import DEFAULT_ANSWER, format_instruction, training_answer, training_question
+from llmseg_ros.models.losses import proposal_targets
+from llmseg_ros.models.prompts import DEFAULT_ANSWER, format_instruction, training_answer, training_question
 from llmseg_ros.training.cache import CacheSet, ProposalCache
 from llmseg_ros.training.config import DataSource
 from llmseg_ros.types import Proposals

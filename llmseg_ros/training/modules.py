@@ -1,7 +1,7 @@
 """The models of a training run and the one ``nn.Module`` that holds everything trained.
 
 Both methods train the VLM's LoRA adapter with its ``embed_tokens`` / ``lm_head`` copies
-(as :meth:`llmseg_ros.vlm.SegVLM.load` with ``trainable=True`` sets them up) and the text
+(as :meth:`llmseg_ros.models.vlm.SegVLM.load` with ``trainable=True`` sets them up) and the text
 projection (h → h → 256). LLM-Seg (:class:`TrainModules`) adds the mask-embedding 1×1
 projection (``mask_proj``, DINOv2 1024 → 256) and the selector (fusion + IoU / IoP heads);
 LISA (:class:`LisaTrainModules`) adds a copy of SAM's mask decoder. Frozen: the LLaVA base
@@ -24,21 +24,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmseg_ros.losses import llmseg_loss
+from llmseg_ros.models.losses import llmseg_loss
 from llmseg_ros.training.config import DataSource, TrainConfig
 from llmseg_ros.types import Proposals
 
 if TYPE_CHECKING:
     from segment_anything.modeling import Sam
 
-    from llmseg_ros.embeddings import MaskEmbedder
-    from llmseg_ros.heads import TextProjection
-    from llmseg_ros.methods.lisa import LisaMaskHead
-    from llmseg_ros.sam_prompting import SamImageEncoding
-    from llmseg_ros.selector import ProposalSelector
+    from llmseg_ros.models.embeddings import MaskEmbedder
+    from llmseg_ros.models.heads import LisaMaskHead, TextProjection
+    from llmseg_ros.models.sam_prompting import SamImageEncoding
+    from llmseg_ros.models.selector import ProposalSelector
+    from llmseg_ros.models.vlm import SegVLM
     from llmseg_ros.training.datamix import TrainExample
-    from llmseg_ros.vlm import SegVLM
-    from llmseg_ros.weights import LoadedWeights
+    from llmseg_ros.weights.directory import LoadedWeights
 
 TINY_MARKER = "tiny_models.json"
 TINY_VERSION = 1
@@ -116,7 +115,7 @@ def pool_at_grid(embedder: MaskEmbedder, features: torch.Tensor, masks: np.ndarr
     Returns:
         (K, out_dim) float32 on the embedder's device.
     """
-    from llmseg_ros.embeddings import POOL_EPS
+    from llmseg_ros.models.embeddings import POOL_EPS
 
     if (
         features.ndim != 3
@@ -188,7 +187,7 @@ class SegTrainModules(nn.Module, abc.ABC):
 
     @abc.abstractmethod
     def manifest_fields(self) -> dict[str, Any]:
-        """Method-specific :class:`~llmseg_ros.weights.WeightsManifest` fields."""
+        """Method-specific :class:`~llmseg_ros.weights.directory.WeightsManifest` fields."""
 
     def weighted_total(self, losses: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:
         """``Σ weights[name] · losses[name]`` over :attr:`loss_names`."""
@@ -365,7 +364,7 @@ class LisaTrainModules(SegTrainModules):
 
     def prepare_batch(self, examples: list[TrainExample], device: torch.device) -> LisaBatch:
         """Encode each image with the frozen SAM image encoder; move the masks to ``device``."""
-        from llmseg_ros.sam_prompting import encode_image
+        from llmseg_ros.models.sam_prompting import encode_image
 
         return LisaBatch(
             images=[e.sample.image for e in examples],
@@ -376,7 +375,7 @@ class LisaTrainModules(SegTrainModules):
 
     def forward(self, batch: LisaBatch) -> dict[str, torch.Tensor]:
         """Losses of one micro-batch: ``total``, ``lm``, ``bce``, ``dice`` (scalars, float32)."""
-        from llmseg_ros.methods.lisa import lisa_mask_loss
+        from llmseg_ros.models.losses import lisa_mask_loss
 
         lm, seg_hidden = self.seg_query(batch.images, batch.conversations)
         bce = dice = torch.zeros((), device=seg_hidden.device)
@@ -400,7 +399,7 @@ def _initial_weights(config: TrainConfig) -> LoadedWeights | None:
     """``init_weights`` read back and checked against the run's method."""
     if config.init_weights is None:
         return None
-    from llmseg_ros.weights import load_weights
+    from llmseg_ros.weights.directory import load_weights
 
     init = load_weights(config.init_weights)
     if init.manifest.method != config.method:
@@ -423,7 +422,7 @@ def _load_init_state(init: LoadedWeights, config: TrainConfig, modules: dict[str
 def _load_sam(config: TrainConfig, device: torch.device, why: str) -> Sam:
     if config.sam_checkpoint is None:
         raise ValueError(f"{why}, but sam_checkpoint is not set")
-    from llmseg_ros.sam import build_sam
+    from llmseg_ros.models.sam import build_sam
 
     return build_sam(config.sam_model_type, config.sam_checkpoint, device)
 
@@ -449,7 +448,7 @@ def build_train_modules(
         dtype: dtype of the frozen VLM and DINOv2 weights.
         need_proposals: LLM-Seg only: load SAM's proposal stage for uncached sources.
     """
-    from llmseg_ros.vlm import SegVLM
+    from llmseg_ros.models.vlm import SegVLM
 
     init = _initial_weights(config)
     vlm = SegVLM.load(
@@ -468,7 +467,7 @@ def build_train_modules(
             f"{config.vlm!r} has {vlm.hidden_size}"
         )
     if config.method == "lisa":
-        from llmseg_ros.methods.lisa import LisaMaskHead
+        from llmseg_ros.models.heads import LisaMaskHead
 
         sam = _load_sam(config, device, "method 'lisa' fine-tunes SAM's mask decoder")
         sam.requires_grad_(False)
@@ -485,9 +484,9 @@ def build_train_modules(
             sam_model_type=config.sam_model_type,
         )
 
-    from llmseg_ros.embeddings import MaskEmbedder
-    from llmseg_ros.heads import TextProjection
-    from llmseg_ros.selector import ProposalSelector
+    from llmseg_ros.models.embeddings import MaskEmbedder
+    from llmseg_ros.models.heads import TextProjection
+    from llmseg_ros.models.selector import ProposalSelector
 
     embedder = MaskEmbedder.load(config.dinov2, device=device, dtype=dtype, input_size=config.embed_size)
     projection = TextProjection(vlm.hidden_size).to(device)
@@ -498,7 +497,7 @@ def build_train_modules(
         )
     proposal_fn = None
     if need_proposals:
-        from llmseg_ros.proposals import ProposalGenerator
+        from llmseg_ros.models.proposals import ProposalGenerator
 
         sam = _load_sam(
             config,

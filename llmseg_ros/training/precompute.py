@@ -194,8 +194,10 @@ def precompute_cache(
     def probe_spec() -> FeatureSpec:
         # The feature shape is fixed by the backbone (square padded input); probe one image.
         assert feature_fn is not None
-        shape = _features_array(feature_fn, read_rgb(items[0][1])).shape
-        return FeatureSpec(model=feature_model, input_size=feature_input_size, shape=shape)
+        channels, height, width = _features_array(feature_fn, read_rgb(items[0][1])).shape
+        return FeatureSpec(
+            model=feature_model, input_size=feature_input_size, shape=(channels, height, width)
+        )
 
     manifest = _load_or_create_manifest(
         directory, items, shard_size, settings, None if features is None else probe_spec
@@ -357,9 +359,9 @@ def run_precompute(config: PrecomputeConfig) -> PrecomputeSummary:
     """Load the proposal stage (and DINOv2) and fill the cache for ``config``."""
     import torch
 
-    from llmseg_ros.device import resolve_device, resolve_dtype
-    from llmseg_ros.proposals import ProposalGenerator
-    from llmseg_ros.sam import build_sam
+    from llmseg_ros.models.proposals import ProposalGenerator
+    from llmseg_ros.models.sam import build_sam
+    from llmseg_ros.utils.device import resolve_device, resolve_dtype
 
     paths = collect_image_paths(config)
     sam_checkpoint, sam_type, proposal_config = config.sam_checkpoint, config.sam_model_type, config.proposals
@@ -379,7 +381,7 @@ def run_precompute(config: PrecomputeConfig) -> PrecomputeSummary:
     generator = ProposalGenerator.from_config(sam, proposal_config)
     features: FeatureFn | None = None
     if config.features:
-        from llmseg_ros.embeddings import MaskEmbedder
+        from llmseg_ros.models.embeddings import MaskEmbedder
 
         embedder = MaskEmbedder.load(
             dinov2, device=device, dtype=resolve_dtype(config.dtype, device), input_size=embed_size

@@ -30,7 +30,6 @@ from typing import Any
 import torch
 
 from llmseg_ros.data.io import atomic_write_text
-from llmseg_ros.device import resolve_device, resolve_dtype
 from llmseg_ros.training.checkpoint import (
     CHECKPOINT_DIR,
     TrainState,
@@ -43,6 +42,7 @@ from llmseg_ros.training.checkpoint import (
 from llmseg_ros.training.config import TrainConfig
 from llmseg_ros.training.datamix import DataMix, PositionBatches, TrainExample, collate_examples
 from llmseg_ros.training.modules import SegTrainModules, TrainModules, apply_tiny_profile, build_train_modules
+from llmseg_ros.utils.device import resolve_device, resolve_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -320,8 +320,8 @@ class Trainer:
         )
 
     def export(self, directory: Path | None = None) -> Path:
-        """Write the trained weights (``llmseg_ros.weights`` format); main process only writes."""
-        from llmseg_ros.weights import WeightsManifest, save_weights
+        """Write the trained weights (``llmseg_ros.weights.directory`` format); main process only writes."""
+        from llmseg_ros.weights.directory import WeightsManifest, save_weights
 
         directory = directory or self.output_dir / WEIGHTS_DIR
         module = self.unwrapped()

@@ -4,7 +4,7 @@
         [--config FILE | --weights DIR | --profile tiny] [--image-topic T] \
         [--depth-topic T --camera-info-topic T] [--storage sqlite3|mcap] [...]
 
-See :mod:`llmseg_ros.bag_replay` for the output topics and :mod:`llmseg_ros.ros.schedule`
+See :mod:`llmseg_ros.ros.bag_replay` for the output topics and :mod:`llmseg_ros.ros.schedule`
 for the instructions file.
 """
 
@@ -15,16 +15,16 @@ import sys
 import time
 from pathlib import Path
 
-from llmseg_ros.cli import (
+from llmseg_ros.cli.common import (
     EXIT_FAIL,
     EXIT_MISSING_WEIGHTS,
     EXIT_OK,
     EXIT_USAGE,
-    TINY_BANNER,
     add_model_arguments,
     config_from_args,
     report_missing_inputs,
 )
+from llmseg_ros.tiny import TINY_BANNER
 
 
 def add_replay_arguments(parser: argparse.ArgumentParser) -> None:
@@ -59,7 +59,7 @@ def add_replay_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_replay(args: argparse.Namespace) -> int:
     """Run ``llmseg replay-bag``; returns the exit code (0 ok, 1 some frames failed, 2 usage, 3 weights)."""
-    from llmseg_ros.bag_replay import ReplayTopics, replay_bag
+    from llmseg_ros.ros.bag_replay import ReplayTopics, replay_bag
     from llmseg_ros.ros.schedule import ReplaySchedule
 
     try:

@@ -20,7 +20,7 @@ Two implementations produce the same masks:
 
     * ``"factored"`` (default) folds the projections of the 4096 image tokens of each
       point into its 7 prompt tokens (attention is linear in the keys and values, see
-      :class:`llmseg_ros.amg.factored_decoder.FactoredDecoder`), computes the first
+      :class:`llmseg_ros.models.amg.factored_decoder.FactoredDecoder`), computes the first
       two-way block's image projections once per image, runs the upscaling head only for
       points with a mask above the IoU threshold, channels-last, in chunks that stay in
       the CPU caches. The arithmetic is
@@ -65,11 +65,11 @@ from segment_anything.modeling import Sam
 from segment_anything.utils.amg import build_point_grid
 from segment_anything.utils.transforms import ResizeLongestSide
 
-from llmseg_ros.amg.decoding import PointDecoder
-from llmseg_ros.amg.exact_decoder import ExactDecoder
-from llmseg_ros.amg.factored_decoder import FactoredDecoder
-from llmseg_ros.amg.postprocess import PostProcessor, area_order
 from llmseg_ros.config import ProposalConfig
+from llmseg_ros.models.amg.decoding import PointDecoder
+from llmseg_ros.models.amg.exact_decoder import ExactDecoder
+from llmseg_ros.models.amg.factored_decoder import FactoredDecoder
+from llmseg_ros.models.amg.postprocess import PostProcessor, area_order
 from llmseg_ros.types import Proposals
 
 _ENCODER_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -140,7 +140,7 @@ class ProposalGenerator:
     """Class-agnostic mask proposals for a frame: SAM everything mode (see module doc).
 
     Args:
-        sam: a SAM model (``llmseg_ros.sam.build_sam``); its device is used.
+        sam: a SAM model (``llmseg_ros.models.sam.build_sam``); its device is used.
         points_per_side: the prompt grid has ``points_per_side ** 2`` points.
         points_per_batch: points decoded together (bounds memory; the same batches as
             SAM's generator, which keeps the fast path's masks identical).

@@ -14,7 +14,7 @@ from segment_anything.modeling import Sam
 from segment_anything.modeling.common import LayerNorm2d
 from segment_anything.modeling.transformer import Attention
 
-from llmseg_ros.amg.decoding import point_prompt_tokens
+from llmseg_ros.models.amg.decoding import point_prompt_tokens
 
 
 class Scratch:

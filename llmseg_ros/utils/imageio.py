@@ -7,7 +7,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from llmseg_ros.atomic import atomic_write_bytes
+from llmseg_ros.utils.atomic import atomic_write_bytes
 
 OVERLAY_COLOUR_RGB = (255, 64, 32)
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from llmseg_ros.atomic import publish
+from llmseg_ros.utils.atomic import publish
 
 SAM_RELEASE = "https://dl.fbaipublicfiles.com/segment_anything/"
 SAM_FILES = {

@@ -15,7 +15,7 @@ import torch
 from segment_anything.modeling import Sam
 from segment_anything.modeling.transformer import Attention
 
-from llmseg_ros.amg.decoding import point_prompt_tokens
+from llmseg_ros.models.amg.decoding import point_prompt_tokens
 
 logger = logging.getLogger(__name__)
 

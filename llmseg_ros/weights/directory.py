@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 import torch
 
-from llmseg_ros.atomic import atomic_directory
+from llmseg_ros.utils.atomic import atomic_directory
 
 MANIFEST_NAME = "llmseg_weights.json"
 HEADS_NAME = "heads.safetensors"
@@ -116,7 +116,7 @@ def save_weights(
         directory: destination; replaced if it exists.
         manifest: description of the weights.
         modules: name → module whose ``state_dict()`` is stored under ``name.*``.
-        vlm: object with ``save_adapter(directory)`` (``llmseg_ros.vlm.SegVLM``); ``None``
+        vlm: object with ``save_adapter(directory)`` (``llmseg_ros.models.vlm.SegVLM``); ``None``
             stores no adapter.
 
     Returns:

@@ -17,17 +17,17 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 import torch
 
 from llmseg_ros.config import SegmenterConfig
-from llmseg_ros.device import resolve_device, resolve_dtype
-from llmseg_ros.weights import LoadedWeights, WeightsNotFoundError, load_weights, weights_help
+from llmseg_ros.utils.device import resolve_device, resolve_dtype
+from llmseg_ros.weights.directory import LoadedWeights, WeightsNotFoundError, load_weights, weights_help
 
 if TYPE_CHECKING:
     from segment_anything.modeling import Sam
 
-    from llmseg_ros.chat_vlm import ChatVLM
-    from llmseg_ros.embeddings import MaskEmbedder
-    from llmseg_ros.methods.grounded import GroundingDetector
-    from llmseg_ros.proposals import ProposalGenerator
-    from llmseg_ros.vlm import SegVLM
+    from llmseg_ros.models.chat_vlm import ChatVLM
+    from llmseg_ros.models.detector import GroundingDetector
+    from llmseg_ros.models.embeddings import MaskEmbedder
+    from llmseg_ros.models.proposals import ProposalGenerator
+    from llmseg_ros.models.vlm import SegVLM
 
 T = TypeVar("T")
 
@@ -77,7 +77,7 @@ def missing_inputs(config: SegmenterConfig) -> list[str]:
                 "trained weights: not set (weights_dir / --weights); " + weights_help([]).splitlines()[1]
             )
         else:
-            from llmseg_ros.weights import missing_weight_files
+            from llmseg_ros.weights.directory import missing_weight_files
 
             for path in missing_weight_files(config.weights_dir):
                 problems.append(f"trained weights: {path} not found; produce them with training/train.py")
@@ -116,7 +116,7 @@ class Components:
     # -- foundation models -----------------------------------------------------------
     def sam(self) -> Sam:
         def build() -> Sam:
-            from llmseg_ros.sam import build_sam
+            from llmseg_ros.models.sam import build_sam
 
             if self.config.sam_checkpoint is None:
                 raise WeightsNotFoundError(
@@ -128,7 +128,7 @@ class Components:
 
     def proposal_generator(self) -> ProposalGenerator:
         def build() -> ProposalGenerator:
-            from llmseg_ros.proposals import ProposalGenerator
+            from llmseg_ros.models.proposals import ProposalGenerator
 
             return ProposalGenerator.from_config(self.sam(), self.config.proposals)
 
@@ -144,7 +144,7 @@ class Components:
 
     def mask_embedder(self) -> MaskEmbedder:
         def build() -> MaskEmbedder:
-            from llmseg_ros.embeddings import MaskEmbedder
+            from llmseg_ros.models.embeddings import MaskEmbedder
 
             embedder = MaskEmbedder.load(
                 self.config.dinov2, device=self.device, dtype=self.dtype, input_size=self.config.embed_size
@@ -159,7 +159,7 @@ class Components:
 
     def seg_vlm(self) -> SegVLM:
         def build() -> SegVLM:
-            from llmseg_ros.vlm import SegVLM
+            from llmseg_ros.models.vlm import SegVLM
 
             weights = self.trained_weights()
             return SegVLM.load(
@@ -174,7 +174,7 @@ class Components:
 
     def chat_vlm(self) -> ChatVLM:
         def build() -> ChatVLM:
-            from llmseg_ros.chat_vlm import ChatVLM
+            from llmseg_ros.models.chat_vlm import ChatVLM
 
             return ChatVLM.load(
                 self.config.vlm,
@@ -187,7 +187,7 @@ class Components:
 
     def detector(self) -> GroundingDetector:
         def build() -> GroundingDetector:
-            from llmseg_ros.methods.grounded import GroundingDetector
+            from llmseg_ros.models.detector import GroundingDetector
 
             return GroundingDetector.load(self.config.detector, device=self.device)
 

@@ -2,7 +2,7 @@
 
 A *predictor* is any callable that maps a :class:`~llmseg_ros.data.sample.Sample` to an
 (H, W) bool (or 0/1) mask at the sample's resolution. :func:`evaluate_samples` runs one
-predictor over samples and scores it with :mod:`llmseg_ros.metrics`;
+predictor over samples and scores it with :mod:`llmseg_ros.evaluation.metrics`;
 :func:`compare_methods` runs several on the same samples and writes one table
 (gIoU / cIoU / ncIoU / seconds per query, LLM-Seg Table 1 style).
 """
@@ -20,7 +20,7 @@ import numpy as np
 
 from llmseg_ros.data.io import atomic_write_json, atomic_write_text
 from llmseg_ros.data.sample import IGNORE_VALUE, Sample
-from llmseg_ros.metrics import SampleMetrics, sample_metrics, summarize
+from llmseg_ros.evaluation.metrics import SampleMetrics, sample_metrics, summarize
 
 Predictor = Callable[[Sample], np.ndarray]
 SampleCallback = Callable[[Sample, np.ndarray, "EvalRecord"], None]

@@ -7,7 +7,7 @@ Each model uses its own processor (image processor + tokenizer) and its own chat
 template. Decoding is greedy (deterministic).
 
 Coordinate conventions (what numbers a model writes for a box or a point; mapping back in
-:mod:`llmseg_ros.methods.coords`), decided per model family from ``config.model_type``:
+:mod:`llmseg_ros.models.coords`), decided per model family from ``config.model_type``:
 
 * ``qwen2_5_vl`` → ``absolute_resized``: absolute pixels of the input after the
   processor's ``smart_resize`` (multiples of ``patch_size * merge_size`` within
@@ -33,9 +33,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from llmseg_ros.imageio import check_rgb_image
-from llmseg_ros.methods.coords import CONVENTIONS
-from llmseg_ros.weights import WeightsNotFoundError
+from llmseg_ros.models.coords import CONVENTIONS
+from llmseg_ros.utils.imageio import check_rgb_image
+from llmseg_ros.weights.directory import WeightsNotFoundError
 
 QUANTIZATION_MODES = ("8bit", "4bit")
 

@@ -11,7 +11,7 @@ and the teacher-forced answer :data:`DEFAULT_ANSWER` (``"It is <SEG>."``). Train
 question and an answer template at random (LISA's lists) with a caller-given
 ``random.Random`` so data generation is reproducible.
 
-The texts returned here are the *user turn* only; :class:`llmseg_ros.vlm.SegVLM` puts
+The texts returned here are the *user turn* only; :class:`llmseg_ros.models.vlm.SegVLM` puts
 them into the model's chat format together with the image placeholder.
 """
 

@@ -252,3 +252,37 @@ def dice_loss(
     denominator = (probs / scale).sum(dim=-1) + (t / scale).sum(dim=-1)
     loss = 1 - (numerator + eps) / (denominator + eps)
     return loss.sum() / (logits.shape[0] + 1e-8)
+
+
+LISA_BCE_WEIGHT = 2.0
+LISA_DICE_WEIGHT = 0.5
+
+
+def lisa_mask_loss(
+    logits: torch.Tensor,
+    gt_masks: torch.Tensor,
+    bce_weight: float = LISA_BCE_WEIGHT,
+    dice_weight: float = LISA_DICE_WEIGHT,
+) -> dict[str, torch.Tensor]:
+    """LISA's mask loss: ``bce_weight · BCE + dice_weight · Dice`` (LM loss added by the caller).
+
+    Args:
+        logits: (N, H, W) mask logits at the ground truth's resolution.
+        gt_masks: (N, H, W) uint8/bool ground truth with 0/1, and 255 = ignore. Ignored
+            pixels are taken out of both terms (logit forced to a large negative value,
+            target 0, so they add nothing to BCE or Dice; they still count in BCE's
+            per-pixel mean).
+    Returns:
+        dict with ``total`` (weighted), ``bce`` and ``dice`` (unweighted), all scalars.
+    """
+    if logits.shape != gt_masks.shape:
+        raise ValueError(
+            f"gt_masks must have the shape of logits {tuple(logits.shape)}, got {tuple(gt_masks.shape)}"
+        )
+    gt = gt_masks.to(logits.device)
+    valid = gt != 255
+    targets = ((gt == 1) & valid).float()
+    masked_logits = torch.where(valid, logits.float(), torch.full_like(logits.float(), -1e4))
+    bce = sigmoid_bce_loss(masked_logits, targets)
+    dice = dice_loss(masked_logits, targets)
+    return {"total": bce_weight * bce + dice_weight * dice, "bce": bce, "dice": dice}

@@ -36,9 +36,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from llmseg_ros.atomic import atomic_directory
 from llmseg_ros.config import LoraSettings
-from llmseg_ros.prompts import DEFAULT_ANSWER, SEG_TOKEN, format_instruction
+from llmseg_ros.models.prompts import DEFAULT_ANSWER, SEG_TOKEN, format_instruction
+from llmseg_ros.utils.atomic import atomic_directory
 
 DEFAULT_VLM = "llava-hf/llava-1.5-7b-hf"
 ADAPTER_META_NAME = "segvlm.json"
@@ -411,8 +411,8 @@ class SegVLM:
 
         Args:
             instruction: the user's instruction; put into the sentence or phrase template
-                (:func:`llmseg_ros.prompts.format_instruction`).
-            is_sentence: template choice; ``None`` → :func:`llmseg_ros.prompts.is_sentence`.
+                (:func:`llmseg_ros.models.prompts.format_instruction`).
+            is_sentence: template choice; ``None`` → :func:`llmseg_ros.models.prompts.is_sentence`.
             answer: teacher-forced assistant answer appended after the generation prompt;
                 ``None`` ends the text at the generation prompt (for :meth:`generate`).
             history: earlier (instruction, answer) turns, oldest first; their
@@ -664,7 +664,7 @@ class SegVLM:
         Args:
             images: N (H, W, 3) uint8 RGB images (sizes may differ).
             conversations: N (user text, assistant answer) pairs. The user text is used as
-                is (template it with :func:`llmseg_ros.prompts.training_question`); the
+                is (template it with :func:`llmseg_ros.models.prompts.training_question`); the
                 answer may hold ``<SEG>`` tokens (usually one; none for plain VQA).
 
         Returns:

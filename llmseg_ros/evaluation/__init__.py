@@ -1,0 +1,1 @@
+"""ReasonSeg metrics (gIoU, cIoU, ncIoU) and evaluation reports."""

@@ -1,0 +1,1 @@
+"""Pure helpers: atomic file writes, image I/O, device and dtype resolution."""

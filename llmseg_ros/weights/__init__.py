@@ -1,0 +1,1 @@
+"""Weights on disk: the trained-weights directory (manifest, heads, LoRA adapter) and downloads."""
