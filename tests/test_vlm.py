@@ -308,7 +308,7 @@ def test_training_forward_matches_reference_loss_and_padding(trainable: SegVLM) 
         torch.testing.assert_close(seg_b[b], seg_1[0], atol=1e-5, rtol=1e-5)
     # Reference loss: HF's own loss with labels on the answer tokens + EOS only.
     user, answer = CONVERSATIONS[1]
-    prompt = trainable._render([], user, None)
+    prompt = trainable.conversation.render([], user, None)
     prompt_ids = trainable.processor(images=images[1], text=prompt)["input_ids"][0]
     full = trainable.processor(images=images[1], text=f"{prompt} {answer}", return_tensors="pt")
     ids = torch.cat([full["input_ids"], torch.tensor([[trainable.tokenizer.eos_token_id]])], dim=1)
