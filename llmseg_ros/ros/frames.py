@@ -6,9 +6,10 @@ Stamps are integer nanoseconds of ROS time (``sec · 10⁹ + nanosec`` of the he
 from __future__ import annotations
 
 import bisect
+import hashlib
 import threading
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -72,6 +73,7 @@ class Frame:
     intrinsics: Intrinsics | None = None
     camera_info: Any = None
     from_request: bool = False
+    _digest: str | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def stamp_ns(self) -> int:
@@ -79,8 +81,32 @@ class Frame:
 
     @property
     def key(self) -> tuple[int, str]:
-        """Identity of the frame for caches: (stamp, frame id)."""
+        """The frame's slot in a buffer: (stamp, frame id). Not an identity of its pixels:
+        a camera may re-publish a stamp with new pixels (use :attr:`cache_key` for caches)."""
         return (self.header.stamp_ns, self.header.frame_id)
+
+    @property
+    def digest(self) -> str:
+        """Content digest of the colour pixels (shape and bytes), computed once.
+
+        A frame's arrays must not be modified after it is built (buffers and caches share it).
+        """
+        if self._digest is None:
+            rgb = np.ascontiguousarray(self.rgb)
+            h = hashlib.blake2b(digest_size=16)
+            h.update(repr((rgb.shape, rgb.dtype.str)).encode())
+            h.update(memoryview(rgb).cast("B"))
+            self._digest = h.hexdigest()
+        return self._digest
+
+    @property
+    def cache_key(self) -> tuple[int, str, str]:
+        """Identity of the frame for per-frame caches: (stamp, frame id, pixel digest).
+
+        Equal stamps with different pixels (or another resolution) never share an entry;
+        the same pixels re-published under the same stamp do.
+        """
+        return (self.header.stamp_ns, self.header.frame_id, self.digest)
 
     @property
     def has_depth(self) -> bool:
@@ -125,11 +151,16 @@ def nearest_index(sorted_stamps: Sequence[int], stamp_ns: int) -> int | None:
     return min(candidates, key=lambda j: abs(sorted_stamps[j] - stamp_ns))
 
 
+FrameListener = Callable[[Frame, Frame | None], None]
+
+
 class FrameBuffer:
     """The latest ``capacity`` frames, sorted by stamp; thread-safe.
 
     A frame with the stamp of a buffered one replaces it; frames arriving out of order
     are inserted in stamp order; the oldest frames are dropped beyond ``capacity``.
+    Listeners (:meth:`add_listener`) hear of every frame that leaves, so caches tied to a
+    frame can forget it.
     """
 
     def __init__(self, capacity: int) -> None:
@@ -139,22 +170,42 @@ class FrameBuffer:
         self._stamps: list[int] = []
         self._frames: list[Frame] = []
         self._lock = threading.Lock()
+        self._listeners: list[FrameListener] = []
 
     def __len__(self) -> int:
         with self._lock:
             return len(self._frames)
 
+    def add_listener(self, listener: FrameListener) -> None:
+        """Call ``listener(departed, replacement)`` whenever a frame leaves the buffer.
+
+        ``replacement`` is the new frame with the same stamp when one replaced it, ``None``
+        when it was evicted (beyond ``capacity``) or cleared. Called outside the buffer's
+        lock, on the thread that added (or cleared); a listener must not raise.
+        """
+        with self._lock:
+            self._listeners.append(listener)
+
     def add(self, frame: Frame) -> None:
+        departed: list[tuple[Frame, Frame | None]] = []
         with self._lock:
             i = bisect.bisect_left(self._stamps, frame.stamp_ns)
             if i < len(self._stamps) and self._stamps[i] == frame.stamp_ns:
+                departed.append((self._frames[i], frame))
                 self._frames[i] = frame
             else:
                 self._stamps.insert(i, frame.stamp_ns)
                 self._frames.insert(i, frame)
             while len(self._frames) > self.capacity:
                 self._stamps.pop(0)
-                self._frames.pop(0)
+                departed.append((self._frames.pop(0), None))
+            listeners = list(self._listeners)
+        self._notify(listeners, departed)
+
+    def _notify(self, listeners: list[FrameListener], departed: list[tuple[Frame, Frame | None]]) -> None:
+        for old, new in departed:
+            for listener in listeners:
+                listener(old, new)
 
     def latest(self) -> Frame | None:
         with self._lock:
@@ -166,8 +217,11 @@ class FrameBuffer:
 
     def clear(self) -> None:
         with self._lock:
+            departed: list[tuple[Frame, Frame | None]] = [(f, None) for f in self._frames]
             self._stamps.clear()
             self._frames.clear()
+            listeners = list(self._listeners)
+        self._notify(listeners, departed)
 
     def get(self, stamp_ns: int, tolerance_ns: int = 0) -> Frame:
         """The buffered frame nearest to ``stamp_ns``, within ``tolerance_ns``.

@@ -247,8 +247,10 @@ class RequestHandler:
         )
         self._model_lock = threading.Lock()
         self._features: FeatureCache[FrameFeatures] = FeatureCache(buffer.capacity + 1)
-        self._conversations: OrderedDict[str, int] = OrderedDict()
+        # conversation id → (stamp, cache key) of the frame it is about
+        self._conversations: OrderedDict[str, tuple[int, tuple[int, str, str]]] = OrderedDict()
         self._conv_lock = threading.Lock()
+        buffer.add_listener(self._frame_left)
 
     # -- per frame ---------------------------------------------------------------------
     def features_for(self, frame: Frame) -> tuple[FrameFeatures, bool]:
@@ -261,7 +263,8 @@ class RequestHandler:
             return self._cached_features(frame)
 
     def has_features(self, frame: Frame) -> bool:
-        return frame.key in self._features
+        """True when features computed from exactly this frame's pixels are cached."""
+        return frame.cache_key in self._features
 
     def clear(self) -> None:
         """Forget cached features and conversations (e.g. when the models are unloaded)."""
@@ -270,7 +273,17 @@ class RequestHandler:
             self._conversations.clear()
 
     def _cached_features(self, frame: Frame) -> tuple[FrameFeatures, bool]:
-        return self._features.get_or_compute(frame.key, lambda: self.segmenter.prepare(frame.rgb))
+        # Keyed by the frame's pixels, not only its stamp: a re-published stamp with new
+        # pixels (or a new resolution) never gets the features of the frame it replaced.
+        return self._features.get_or_compute(frame.cache_key, lambda: self.segmenter.prepare(frame.rgb))
+
+    def _frame_left(self, old: Frame, new: Frame | None) -> None:
+        """Buffer listener: forget the features of a frame that was replaced or dropped."""
+        stale = [key for key in self._features.keys() if isinstance(key, tuple) and key[:2] == old.key]
+        if stale and new is not None:
+            keep = new.cache_key  # the same pixels re-published keep their features
+            stale = [key for key in stale if key != keep]
+        self._features.discard(stale)
 
     # -- per request -------------------------------------------------------------------
     def handle(self, request: Any) -> SegmentationOutcome:
@@ -315,7 +328,7 @@ class RequestHandler:
         outcome.timings = dict(job.timings)
         outcome.timings["request_total"] = time.perf_counter() - t0
         if parsed.conversation_id is not None and not frame.from_request:
-            self._remember_conversation(parsed.conversation_id, frame.stamp_ns)
+            self._remember_conversation(parsed.conversation_id, frame)
         outcome.message = _success_message(result, frame, note)
         return outcome
 
@@ -336,20 +349,27 @@ class RequestHandler:
             )
         if parsed.conversation_id is not None:
             with self._conv_lock:
-                stamp = self._conversations.get(parsed.conversation_id)
-            if stamp is not None:
+                remembered = self._conversations.get(parsed.conversation_id)
+            if remembered is not None:
+                stamp, key = remembered
                 try:
-                    return self.buffer.get(stamp, 0), ""
+                    frame = self.buffer.get(stamp, 0)
                 except FrameLookupError:
                     return latest, (
                         f"; the frame of conversation '{parsed.conversation_id}' ({format_stamp(stamp)}) is no longer "
                         "buffered, so the latest frame was used and the conversation restarts"
                     )
+                if frame.cache_key != key:
+                    return frame, (
+                        f"; the frame of conversation '{parsed.conversation_id}' ({format_stamp(stamp)}) was replaced "
+                        "by a new image with the same stamp, so the conversation restarts on it"
+                    )
+                return frame, ""
         return latest, ""
 
-    def _remember_conversation(self, conversation_id: str, stamp_ns: int) -> None:
+    def _remember_conversation(self, conversation_id: str, frame: Frame) -> None:
         with self._conv_lock:
-            self._conversations[conversation_id] = stamp_ns
+            self._conversations[conversation_id] = (frame.stamp_ns, frame.cache_key)
             self._conversations.move_to_end(conversation_id)
             while len(self._conversations) > self.settings.max_conversations:
                 self._conversations.popitem(last=False)
