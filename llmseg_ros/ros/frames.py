@@ -16,13 +16,30 @@ import numpy as np
 
 from llmseg_ros.ros.depth import Intrinsics, intrinsics_from_camera_info
 from llmseg_ros.ros.images import depth_from_message, rgb_from_message
+from llmseg_ros.utils.text import check_text, short_repr
 
 NS_PER_S = 1_000_000_000
 
 
 def stamp_to_ns(stamp: Any) -> int:
-    """``builtin_interfaces/Time`` (fields ``sec``, ``nanosec``) → integer nanoseconds."""
-    return int(stamp.sec) * NS_PER_S + int(stamp.nanosec)
+    """``builtin_interfaces/Time`` (fields ``sec``, ``nanosec``) → integer nanoseconds.
+
+    Raises:
+        TypeError: ``sec`` or ``nanosec`` is not an integer.
+        ValueError: ``sec`` is outside int32 or ``nanosec`` outside [0, 10⁹).
+    """
+    values = []
+    for name in ("sec", "nanosec"):
+        value = getattr(stamp, name)
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise TypeError(f"stamp.{name} must be an integer, got {type(value).__name__} {short_repr(value)}")
+        values.append(int(value))
+    sec, nanosec = values
+    if not -(2**31) <= sec < 2**31:
+        raise ValueError(f"stamp.sec must be a 32-bit signed integer, got {short_repr(sec)}")
+    if not 0 <= nanosec < NS_PER_S:
+        raise ValueError(f"stamp.nanosec must be in [0, 10^9), got {short_repr(nanosec)}")
+    return sec * NS_PER_S + nanosec
 
 
 def ns_to_sec_nanosec(stamp_ns: int) -> tuple[int, int]:
@@ -46,7 +63,9 @@ class HeaderData:
 
     @classmethod
     def from_message(cls, header: Any) -> HeaderData:
-        return cls(stamp_to_ns(header.stamp), str(header.frame_id))
+        """Read a ``std_msgs/Header``; ``TypeError`` / ``ValueError`` for a bad stamp or frame id."""
+        frame_id = check_text(header.frame_id, "header.frame_id", allow_newlines=False)
+        return cls(stamp_to_ns(header.stamp), frame_id)
 
 
 @dataclass
@@ -119,7 +138,9 @@ def frame_from_messages(
     """Convert synchronised Image (+ depth Image + CameraInfo) messages into a :class:`Frame`.
 
     Raises:
-        ValueError: an unsupported encoding, inconsistent sizes or an uncalibrated CameraInfo.
+        ValueError: an unsupported encoding, inconsistent sizes, a bad header or an
+            uncalibrated (or non-finite) CameraInfo.
+        TypeError: a field of the wrong type.
     """
     rgb = rgb_from_message(image)
     frame = Frame(header=HeaderData.from_message(image.header), rgb=rgb, from_request=from_request)
@@ -128,7 +149,7 @@ def frame_from_messages(
     if camera_info is None:
         raise ValueError("a depth image needs its CameraInfo to be used")
     frame.depth = depth_from_message(depth)
-    frame.depth_encoding = str(depth.encoding)
+    frame.depth_encoding = depth.encoding
     frame.depth_header = HeaderData.from_message(depth.header)
     frame.intrinsics = intrinsics_from_camera_info(camera_info)
     frame.camera_info = camera_info
