@@ -174,7 +174,7 @@ def test_a_frame_with_non_finite_intrinsics_is_refused_before_anything_is_publis
     from llmseg_ros.ros.frames import frame_from_messages
 
     info = camera_info_msg((FX, FY, float("nan"), float("inf")), 20, 12)
-    with pytest.raises(ValueError, match="CameraInfo.k"):
+    with pytest.raises(ValueError, match=r"CameraInfo\.k"):
         frame_from_messages(
             image_msg(colour_image(12, 20), "rgb8"), image_msg(synthetic_depth_mm(), "16UC1"), info
         )

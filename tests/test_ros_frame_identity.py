@@ -134,12 +134,16 @@ def test_bag_whose_frames_share_one_stamp_answers_each_frame_from_its_pixels(tmp
             msg = image_msg(rgb, "rgb8", stamp, "color_optical")  # every frame carries frame 0's stamp
             writer.write(conn, stamp + i * S // 10, store.serialize_cdr(msg, "sensor_msgs/msg/Image"))
     schedule = ReplaySchedule.from_mapping(yaml.safe_load("instruction: the red things"))
-    summary = replay_bag(tmp_path / "in", tmp_path / "out", schedule, FakeSegmenter(), progress=False, log=print)
+    summary = replay_bag(
+        tmp_path / "in", tmp_path / "out", schedule, FakeSegmenter(), progress=False, log=print
+    )
     assert (summary.frames, summary.processed, summary.failed) == (4, 4, 0), summary.messages
     with AnyReader([tmp_path / "out"]) as reader:
         masks = [
             image_to_numpy(reader.deserialize(raw, c.msgtype)) == 255
-            for c, _, raw in reader.messages(connections=[c for c in reader.connections if c.topic == "/llmseg/mask"])
+            for c, _, raw in reader.messages(
+                connections=[c for c in reader.connections if c.topic == "/llmseg/mask"]
+            )
         ]
     assert len(masks) == 4
     for mask, rgb in zip(masks, images):

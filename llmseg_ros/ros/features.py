@@ -65,7 +65,7 @@ class FeatureCache(Generic[T]):
         future.set_result(value)
         return value, True
 
-    def keys(self) -> list[Hashable]:
+    def snapshot(self) -> list[Hashable]:
         """The keys held (finished or still computing), least recently used first."""
         with self._lock:
             return list(self._entries)

@@ -32,7 +32,9 @@ def stamp_to_ns(stamp: Any) -> int:
     for name in ("sec", "nanosec"):
         value = getattr(stamp, name)
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-            raise TypeError(f"stamp.{name} must be an integer, got {type(value).__name__} {short_repr(value)}")
+            raise TypeError(
+                f"stamp.{name} must be an integer, got {type(value).__name__} {short_repr(value)}"
+            )
         values.append(int(value))
     sec, nanosec = values
     if not -(2**31) <= sec < 2**31:
@@ -114,7 +116,7 @@ class Frame:
             rgb = np.ascontiguousarray(self.rgb)
             h = hashlib.blake2b(digest_size=16)
             h.update(repr((rgb.shape, rgb.dtype.str)).encode())
-            h.update(memoryview(rgb).cast("B"))
+            h.update(rgb.data)
             self._digest = h.hexdigest()
         return self._digest
 

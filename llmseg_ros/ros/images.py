@@ -71,7 +71,9 @@ class ImageData:
 def encoding_info(encoding: str) -> EncodingInfo:
     """Layout of ``encoding``; ``ValueError`` listing the supported ones otherwise."""
     if not isinstance(encoding, str):
-        raise TypeError(f"image encoding must be a string, got {type(encoding).__name__} {short_repr(encoding)}")
+        raise TypeError(
+            f"image encoding must be a string, got {type(encoding).__name__} {short_repr(encoding)}"
+        )
     try:
         return ENCODINGS[encoding]
     except KeyError:
@@ -89,7 +91,9 @@ def uint_field(msg: Any, name: str, what: str = "Image", bits: int = 32) -> int:
     """
     value = getattr(msg, name)
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{what}.{name} must be an unsigned integer, got {type(value).__name__} {short_repr(value)}")
+        raise TypeError(
+            f"{what}.{name} must be an unsigned integer, got {type(value).__name__} {short_repr(value)}"
+        )
     if not 0 <= int(value) < 2**bits:
         raise ValueError(f"{what}.{name} must be in [0, 2^{bits}), got {short_repr(int(value))}")
     return int(value)

@@ -16,7 +16,9 @@ _BAD_LINE = re.compile(f"[{_CONTROL}\t\n\r\ud800-\udfff]")
 
 def short_repr(value: object, limit: int = 60) -> str:
     """``repr(value)`` cut to about ``limit`` characters (for error messages about huge inputs)."""
-    text = repr(value) if not isinstance(value, (str, bytes)) or len(value) <= 4 * limit else repr(value[:limit])
+    text = (
+        repr(value) if not isinstance(value, (str, bytes)) or len(value) <= 4 * limit else repr(value[:limit])
+    )
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
