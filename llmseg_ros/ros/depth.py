@@ -144,9 +144,9 @@ def depth_to_points(
         valid &= resize_mask_nearest(mask, (h, w))
     v, u = np.nonzero(valid)
     z = metres[v, u].astype(np.float64)
-    x = (u.astype(np.float64) - intrinsics.cx) * z / intrinsics.fx
-    y = (v.astype(np.float64) - intrinsics.cy) * z / intrinsics.fy
-    with np.errstate(over="ignore", invalid="ignore"):
+    with np.errstate(over="ignore", invalid="ignore"):  # overflowing points are dropped below
+        x = (u.astype(np.float64) - intrinsics.cx) * z / intrinsics.fx
+        y = (v.astype(np.float64) - intrinsics.cy) * z / intrinsics.fy
         points = np.stack([x, y, z], axis=1).astype(np.float32)
     return points[np.isfinite(points).all(axis=1)]
 
