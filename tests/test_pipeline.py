@@ -234,6 +234,19 @@ def test_conversation_keeps_at_most_max_turns_and_caps_the_id(llmseg, llmseg_fra
     assert not small.is_loaded
 
 
+def record_input_lengths(chat) -> list[int]:
+    """Make ``chat``'s model record the length of every input it generates from."""
+    lengths: list[int] = []
+    original = chat.model.generate
+
+    def spy(**inputs):
+        lengths.append(int(inputs["input_ids"].shape[1]))
+        return original(**inputs)
+
+    chat.model.generate = spy
+    return lengths
+
+
 @pytest.mark.parametrize("method", ["grounded", "vlm_grounding"])
 def test_chat_prompt_count_is_what_the_chat_model_receives(tiny_config_factory, scene_image, method) -> None:
     """The chat-VLM prompt counter agrees with the input ids ChatVLM.generate gives its model."""
@@ -243,14 +256,7 @@ def test_chat_prompt_count_is_what_the_chat_model_receives(tiny_config_factory, 
     from llmseg_ros.types import Proposals
 
     chat = ChatVLM.load(tiny_config_factory(method).vlm, device=torch.device("cpu"), dtype=torch.float32)
-    lengths: list[int] = []
-    original = chat.model.generate
-
-    def spy(**inputs):
-        lengths.append(int(inputs["input_ids"].shape[1]))
-        return original(**inputs)
-
-    chat.model.generate = spy
+    lengths = record_input_lengths(chat)
     counter = ChatVLMPrompt(chat, lambda frame, text: (frame.image, f"Find: {text}"), max_new_tokens=1)
     frame = FrameFeatures(image=scene_image, proposals=Proposals.empty(*scene_image.shape[:2]))
     history = [("the red ball", "It is the ball on the left."), ("and the box?", "The green one.")]
@@ -269,14 +275,7 @@ def test_chat_method_follow_ups_stay_within_the_context(tiny_config_factory, sce
     frame = seg.prepare(scene_image)
     chat = seg.method.chat_vlm  # type: ignore[attr-defined]
     budget = chat.model.config.text_config.max_position_embeddings - seg.method.max_new_tokens  # type: ignore[attr-defined]
-    lengths: list[int] = []
-    original = chat.model.generate
-
-    def spy(**inputs):
-        lengths.append(int(inputs["input_ids"].shape[1]))
-        return original(**inputs)
-
-    chat.model.generate = spy
+    lengths = record_input_lengths(chat)
     results = [seg.segment(frame, f"{i}: {LONG}", conversation_id="c") for i in range(7)]
     assert len(lengths) == 7 and max(lengths) <= budget, (lengths, budget)
     assert results[-1].dropped_turns >= 1 and results[-1].warnings

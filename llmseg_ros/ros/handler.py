@@ -246,7 +246,7 @@ def parse_request(
     try:
         if not is_empty_image(request.image):
             image = frame_from_messages(request.image, from_request=True)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, AttributeError) as exc:  # AttributeError: not an Image at all
         raise RequestError(f"request image: {exc}") from None
     return ParsedRequest(
         instruction=text,
