@@ -101,6 +101,29 @@ class LoraSettings:
 
 
 @dataclass
+class ConversationConfig:
+    """Limits of follow-up conversations (requests sharing a ``conversation_id``).
+
+    Attributes:
+        max_turns: earlier (instruction, answer) turns kept per conversation; older ones
+            are forgotten. Turns are also dropped, oldest first, whenever the prompt would
+            not fit the VLM's context.
+        max_id_chars: longest conversation id accepted (characters).
+        max_conversations: conversations remembered at once (least recently used forgotten).
+    """
+
+    max_turns: int = 8
+    max_id_chars: int = 128
+    max_conversations: int = 64
+
+    def __post_init__(self) -> None:
+        for name in ("max_turns", "max_id_chars", "max_conversations"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+@dataclass
 class SegmenterConfig:
     """Everything needed to build a :class:`llmseg_ros.pipeline.ReasonSegmenter`.
 
@@ -124,6 +147,7 @@ class SegmenterConfig:
         vlm_quantization: ``None``, ``8bit`` or ``4bit`` (bitsandbytes, CUDA only).
         embed_size: DINOv2 input long side (896 in LLM-Seg).
         max_instruction_chars: longest instruction accepted.
+        conversation: limits of follow-up conversations.
     """
 
     method: str = "llmseg"
@@ -141,6 +165,7 @@ class SegmenterConfig:
     proposals: ProposalConfig = field(default_factory=ProposalConfig)
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
+    conversation: ConversationConfig = field(default_factory=ConversationConfig)
     profile: str = "custom"
 
     def __post_init__(self) -> None:
@@ -158,6 +183,7 @@ class SegmenterConfig:
             ("proposals", ProposalConfig),
             ("selection", SelectionConfig),
             ("lora", LoraSettings),
+            ("conversation", ConversationConfig),
         ):
             value = getattr(self, name)
             if isinstance(value, dict):

@@ -8,25 +8,40 @@
 ``prepare`` does the instruction-independent work once per frame; every ``segment`` call
 on the same ``FrameFeatures`` reuses it (and the VLM's key/value cache of the image
 prefix). ``segment`` also accepts a raw image and prepares it first.
+
+Follow-ups (``conversation_id``) see the earlier turns on the same frame, within the caps
+of ``config.conversation`` and the VLM's context (:mod:`llmseg_ros.conversations`); the
+result says when turns were dropped (``SegmentResult.dropped_turns`` and ``warnings``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
-import uuid
-from collections import OrderedDict
 from typing import Any
 
 import numpy as np
 
 from llmseg_ros.config import SegmenterConfig, SelectionConfig
+from llmseg_ros.conversations import (
+    FRAME_KEY,
+    ConversationStore,
+    FittedHistory,
+    PromptCounter,
+    Turn,
+    fit_history,
+    frame_key,
+    prompt_counter,
+)
 from llmseg_ros.methods import SegmentationMethod, SegmentRequest, build_method
 from llmseg_ros.models.components import Components
 from llmseg_ros.types import FrameFeatures, SegmentResult
 from llmseg_ros.utils.imageio import check_rgb_image
+from llmseg_ros.utils.text import check_text
 
-FRAME_KEY = "frame_key"
+__all__ = ["DEFAULT_ANSWER", "FRAME_KEY", "ReasonSegmenter"]
+
 DEFAULT_ANSWER = "It is <SEG>."
 
 
@@ -37,13 +52,21 @@ class ReasonSegmenter:
     load once (under a lock) and frames carry their own caches.
     """
 
-    def __init__(self, config: SegmenterConfig, *, max_conversations: int = 64) -> None:
+    def __init__(self, config: SegmenterConfig, *, max_conversations: int | None = None) -> None:
+        """Args:
+        config: what to load and how to answer.
+        max_conversations: overrides ``config.conversation.max_conversations``.
+        """
+        if max_conversations is not None:
+            config = config.replace(
+                conversation=dataclasses.replace(config.conversation, max_conversations=max_conversations)
+            )
         self.config = config
         self.components = Components(config)
         self._method: SegmentationMethod | None = None
+        self._counter: PromptCounter | None = None
         self._lock = threading.RLock()
-        self._conversations: OrderedDict[str, tuple[str, list[tuple[str, str]]]] = OrderedDict()
-        self._max_conversations = max_conversations
+        self._conversations = ConversationStore(config.conversation)
 
     # -- lifecycle -------------------------------------------------------------------
     @property
@@ -52,6 +75,7 @@ class ReasonSegmenter:
         with self._lock:
             if self._method is None:
                 self._method = build_method(self.components)
+                self._counter = prompt_counter(self._method)
             return self._method
 
     def load(self) -> None:
@@ -62,6 +86,7 @@ class ReasonSegmenter:
         """Free every model (and cached GPU memory); a later call loads them again."""
         with self._lock:
             self._method = None
+            self._counter = None
             self._conversations.clear()
             self.components.release()
 
@@ -81,15 +106,14 @@ class ReasonSegmenter:
         """
         check_rgb_image(image)
         frame = self.method.prepare(np.ascontiguousarray(image))
-        frame.cache[FRAME_KEY] = uuid.uuid4().hex
+        frame_key(frame)
         return frame
 
     # -- per instruction ---------------------------------------------------------------
     def validate_instruction(self, instruction: object) -> str:
-        """The stripped instruction, or ``ValueError`` saying what is wrong."""
-        if not isinstance(instruction, str):
-            raise TypeError(f"instruction must be a string, got {type(instruction).__name__}")
-        text = instruction.strip()
+        """The stripped instruction, or ``TypeError`` / ``ValueError`` saying what is wrong
+        (not a string, empty, too long, not valid UTF-8 or holding control characters)."""
+        text = check_text(instruction, "instruction").strip()
         if not text:
             raise ValueError("instruction is empty; expected a sentence or phrase describing the target")
         if len(text) > self.config.max_instruction_chars:
@@ -117,12 +141,18 @@ class ReasonSegmenter:
             selection: override of the configured selection strategy / threshold.
             explain: also return the VLM's text answer.
             conversation_id: follow-ups with the same id on the same frame see the
-                earlier turns; a new frame starts the conversation afresh.
+                earlier turns (at most ``config.conversation.max_turns``, fewer when the
+                prompt would not fit the VLM's context: the oldest are dropped and the
+                result says so); a new frame starts the conversation afresh.
             is_sentence: force the sentence (True) or phrase (False) prompt.
         Returns:
             SegmentResult with the mask at the frame's resolution.
+        Raises:
+            TypeError, ValueError: an invalid instruction or conversation id (not a
+                string, empty or too long, not valid UTF-8, control characters).
         """
         text = self.validate_instruction(instruction)
+        conversation = self._conversations.check_id(conversation_id)
         t0 = time.perf_counter()
         timings: dict[str, float] = {}
         if isinstance(frame_or_image, FrameFeatures):
@@ -130,38 +160,50 @@ class ReasonSegmenter:
         else:
             frame = self.prepare(frame_or_image)
             timings.update(frame.timings)
-        history = self._history(conversation_id, frame)
+        method = self.method
+        history = self._conversations.history(conversation, frame) if conversation is not None else []
         request = SegmentRequest(
             instruction=text, selection=selection, explain=explain, history=history, is_sentence=is_sentence
         )
-        result = self.method.segment(frame, request)
-        if conversation_id is not None:
-            self._remember(conversation_id, frame, text, result.answer or DEFAULT_ANSWER)
+        t_fit = time.perf_counter()
+        fitted = fit_history(self._counter, frame, request)
+        if fitted.tokens is not None:
+            timings["prompt_fit"] = time.perf_counter() - t_fit
+        request.history = fitted.history
+        result = method.segment(frame, request)
+        result.history_turns = len(fitted.history)
+        result.warnings.extend(fitted.notes)
+        if conversation is not None:
+            answer = result.answer or DEFAULT_ANSWER
+            forgotten = self._conversations.remember(conversation, frame, [*fitted.history, (text, answer)])
+            result.dropped_turns = fitted.dropped + forgotten
+            result.warnings.extend(self._dropped_notes(conversation, fitted.dropped, forgotten, fitted))
         timings.update(result.timings)
         timings["total"] = time.perf_counter() - t0
         result.timings = timings
         return result
 
     # -- conversations -------------------------------------------------------------------
-    def _history(self, conversation_id: str | None, frame: FrameFeatures) -> list[tuple[str, str]]:
-        if conversation_id is None:
-            return []
-        with self._lock:
-            entry = self._conversations.get(conversation_id)
-            if entry is None or entry[0] != frame.cache.get(FRAME_KEY):
-                return []
-            return list(entry[1])
+    def conversation_history(self, conversation_id: str, frame: FrameFeatures) -> list[Turn]:
+        """The (instruction, answer) turns a follow-up on ``frame`` would see, oldest first."""
+        conversation = self._conversations.check_id(conversation_id)
+        return self._conversations.history(conversation, frame) if conversation is not None else []
 
-    def _remember(self, conversation_id: str, frame: FrameFeatures, instruction: str, answer: str) -> None:
-        key = frame.cache.setdefault(FRAME_KEY, uuid.uuid4().hex)
-        with self._lock:
-            entry = self._conversations.get(conversation_id)
-            turns = list(entry[1]) if entry is not None and entry[0] == key else []
-            turns.append((instruction, answer))
-            self._conversations[conversation_id] = (key, turns)
-            self._conversations.move_to_end(conversation_id)
-            while len(self._conversations) > self._max_conversations:
-                self._conversations.popitem(last=False)
+    def _dropped_notes(
+        self, conversation: str, for_context: int, forgotten: int, fitted: FittedHistory
+    ) -> list[str]:
+        notes = []
+        if for_context:
+            notes.append(
+                f"conversation '{conversation}': dropped the {for_context} oldest turn(s) so the prompt fits the "
+                f"VLM's context ({fitted.tokens} of {fitted.context_tokens} tokens)"
+            )
+        if forgotten:
+            notes.append(
+                f"conversation '{conversation}': forgot its {forgotten} oldest turn(s); it keeps the latest "
+                f"{self.config.conversation.max_turns} (conversation.max_turns)"
+            )
+        return notes
 
     def describe(self) -> dict[str, Any]:
         """What is configured and loaded (for logs and the CLI)."""

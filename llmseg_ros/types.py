@@ -125,6 +125,12 @@ class SegmentResult:
             call had to prepare the frame).
         extras: method-specific intermediate results for debugging (phrases, boxes,
             detector scores, reasoning text ...), JSON-serialisable.
+        history_turns: earlier turns of the conversation the answer saw (0 without a
+            ``conversation_id``).
+        dropped_turns: oldest turns of the conversation dropped by this call, to fit the
+            VLM's context or the ``max_turns`` cap.
+        warnings: human-readable notes on how the answer was produced (turns dropped, a
+            prompt longer than the VLM's context ...); empty when nothing is worth saying.
     """
 
     mask: np.ndarray
@@ -137,6 +143,9 @@ class SegmentResult:
     answer: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
     extras: dict[str, Any] = field(default_factory=dict)
+    history_turns: int = 0
+    dropped_turns: int = 0
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def is_empty(self) -> bool:

@@ -119,7 +119,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("weights",),
     ("models",),
     ("methods",),
-    ("pipeline",),
+    ("pipeline", "conversations"),
     ("tiny", "data"),
     ("ros", "evaluation", "datagen"),
     ("training",),

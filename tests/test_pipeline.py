@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from llmseg_ros.config import SelectionConfig
+from llmseg_ros.config import ConversationConfig, SelectionConfig
 from llmseg_ros.pipeline import ReasonSegmenter
 from llmseg_ros.types import FrameFeatures, SegmentResult
 
@@ -134,14 +134,148 @@ def test_bad_requests(tiny_config_factory, scene_image) -> None:
     assert isinstance(seg.prepare(scene_image), FrameFeatures)
 
 
-def test_conversation_carries_turns_on_the_same_frame(tiny_config_factory, scene_image) -> None:
-    seg = ReasonSegmenter(tiny_config_factory("llmseg"))
+@pytest.fixture(scope="module")
+def llmseg(tiny_config_factory) -> ReasonSegmenter:
+    """One loaded tiny llmseg segmenter shared by the conversation tests (distinct conversation ids)."""
+    config = tiny_config_factory("llmseg")
+    return ReasonSegmenter(config.replace(conversation=ConversationConfig(max_turns=4)))
+
+
+@pytest.fixture(scope="module")
+def llmseg_frame(llmseg) -> FrameFeatures:
+    import cv2
+
+    image = np.zeros((96, 128, 3), np.uint8)  # the scene_image fixture, built once for the module
+    image[:] = np.linspace(40, 200, 128, dtype=np.uint8)[None, :, None]
+    cv2.circle(image, (30, 40), 15, (220, 30, 30), -1)
+    return llmseg.prepare(image)
+
+
+def test_conversation_carries_turns_on_the_same_frame(llmseg, scene_image) -> None:
+    seg = llmseg
     frame = seg.prepare(scene_image)
     seg.segment(frame, "which object is red?", conversation_id="c1")
-    assert seg._history("c1", frame) == [("which object is red?", "It is <SEG>.")]
+    assert seg.conversation_history("c1", frame) == [("which object is red?", "It is <SEG>.")]
     follow = seg.segment(frame, "the one on the left", conversation_id="c1", explain=True)
-    assert follow.answer is not None
-    assert [t[0] for t in seg._history("c1", frame)] == ["which object is red?", "the one on the left"]
+    assert follow.answer is not None and follow.history_turns == 1 and follow.dropped_turns == 0
+    assert [t[0] for t in seg.conversation_history("c1", frame)] == [
+        "which object is red?",
+        "the one on the left",
+    ]
     # a new frame starts afresh
     other = seg.prepare(scene_image)
-    assert seg._history("c1", other) == []
+    assert seg.conversation_history("c1", other) == []
+
+
+LONG = (
+    "Where could I put the dirty dishes after dinner, given that the sink is full and the counter is cluttered? "
+    * 5
+)
+
+
+def test_follow_ups_keep_the_prompt_within_the_vlm_context(llmseg, llmseg_frame, monkeypatch) -> None:
+    """Regression: follow-ups grew the prompt past the VLM's context with success and no warning."""
+    seg, frame = llmseg, llmseg_frame
+    vlm = seg.method.vlm  # type: ignore[attr-defined]
+    context = vlm.model.config.text_config.max_position_embeddings
+    prompts: list[int] = []
+    original = vlm.seg_hidden
+
+    def measured(prefix, instruction, **kwargs):  # the prompt the model is given, counted by its public API
+        text = vlm.build_conversation(
+            instruction, history=kwargs.get("history"), is_sentence=kwargs.get("is_sentence")
+        )
+        prompts.append(len(vlm.expanded_input_ids(text, frame.image)))
+        return original(prefix, instruction, **kwargs)
+
+    monkeypatch.setattr(vlm, "seg_hidden", measured)
+    results = [seg.segment(frame, f"{i}: {LONG}", conversation_id="dishes") for i in range(5)]
+    assert len(prompts) == 5 and max(prompts) <= context, (prompts, context)
+    assert prompts[-1] > context // 2  # the conversation still fills the context: only the oldest turns went
+    last = results[-1]
+    assert last.dropped_turns >= 1 and last.history_turns >= 1
+    assert any(
+        "so the prompt fits the VLM's context (" in w and f"of {context} tokens)" in w for w in last.warnings
+    )
+    kept = seg.conversation_history("dishes", frame)
+    assert kept[-1][0] == f"4: {LONG.strip()}" and len(kept) == last.history_turns + 1
+    assert results[0].warnings == [] and results[0].dropped_turns == 0
+
+
+def test_conversation_keeps_at_most_max_turns_and_caps_the_id(llmseg, llmseg_frame) -> None:
+    seg, frame = llmseg, llmseg_frame
+    max_turns = seg.config.conversation.max_turns
+    results = [seg.segment(frame, f"question {i}", conversation_id="capped") for i in range(max_turns + 2)]
+    expected = [f"question {i}" for i in range(2, max_turns + 2)]
+    assert [t[0] for t in seg.conversation_history("capped", frame)] == expected
+    assert [r.history_turns for r in results] == [*range(max_turns + 1), max_turns]
+    assert [r.dropped_turns for r in results] == [0] * max_turns + [1, 1]
+    assert results[-1].warnings == [
+        f"conversation 'capped': forgot its 1 oldest turn(s); it keeps the latest {max_turns} (conversation.max_turns)"
+    ]
+    limit = seg.config.conversation.max_id_chars
+    with pytest.raises(
+        ValueError, match=rf"conversation_id has 1048576 characters; the limit is {limit} \(conversation"
+    ):
+        seg.segment(frame, "a cup", conversation_id="c" * (1 << 20))
+    with pytest.raises(ValueError, match="conversation_id holds a lone surrogate U\\+DC00"):
+        seg.segment(frame, "a cup", conversation_id="c\udc00")
+    with pytest.raises(ValueError, match="instruction holds a lone surrogate U\\+D800"):
+        seg.segment(frame, "a cup \ud800", conversation_id="capped")
+    with pytest.raises(TypeError, match="conversation_id must be a string, got int"):
+        seg.segment(frame, "a cup", conversation_id=5)  # type: ignore[arg-type]
+    assert [t[0] for t in seg.conversation_history("capped", frame)] == expected  # bad calls changed nothing
+    with pytest.raises(ValueError, match="max_turns must be an integer >= 1, got 0"):
+        ConversationConfig(max_turns=0)
+    small = ReasonSegmenter(seg.config.replace(conversation=ConversationConfig(max_turns=2, max_id_chars=4)))
+    assert small.config.conversation.max_turns == 2
+    with pytest.raises(ValueError, match="conversation_id has 5 characters; the limit is 4"):
+        small.segment(frame, "a cup", conversation_id="abcde")  # checked before any model is loaded
+    assert not small.is_loaded
+
+
+def record_input_lengths(chat) -> list[int]:
+    """Make ``chat``'s model record the length of every input it generates from."""
+    lengths: list[int] = []
+    original = chat.model.generate
+
+    def spy(**inputs):
+        lengths.append(int(inputs["input_ids"].shape[1]))
+        return original(**inputs)
+
+    chat.model.generate = spy
+    return lengths
+
+
+@pytest.mark.parametrize("method", ["grounded", "vlm_grounding"])
+def test_chat_prompt_count_is_what_the_chat_model_receives(tiny_config_factory, scene_image, method) -> None:
+    """The chat-VLM prompt counter agrees with the input ids ChatVLM.generate gives its model."""
+    from llmseg_ros.conversations import ChatVLMPrompt
+    from llmseg_ros.methods.base import SegmentRequest
+    from llmseg_ros.models.chat_vlm import ChatVLM
+    from llmseg_ros.types import Proposals
+
+    chat = ChatVLM.load(tiny_config_factory(method).vlm, device=torch.device("cpu"), dtype=torch.float32)
+    lengths = record_input_lengths(chat)
+    counter = ChatVLMPrompt(chat, lambda frame, text: (frame.image, f"Find: {text}"), max_new_tokens=1)
+    frame = FrameFeatures(image=scene_image, proposals=Proposals.empty(*scene_image.shape[:2]))
+    history = [("the red ball", "It is the ball on the left."), ("and the box?", "The green one.")]
+    for turns in ([], history):
+        request = SegmentRequest(instruction="something to sit on", history=turns)
+        chat.generate(scene_image, "Find: something to sit on", max_new_tokens=1, history=turns)
+        assert counter.count(frame, request) == lengths[-1] + 1
+    assert lengths[1] > lengths[0]
+    assert counter.context_tokens == chat.model.config.text_config.max_position_embeddings
+
+
+@pytest.mark.slow
+def test_chat_method_follow_ups_stay_within_the_context(tiny_config_factory, scene_image) -> None:
+    """The same regression for a chat-VLM method (grounded: tiny LLaVA chat, 1024 tokens)."""
+    seg = ReasonSegmenter(tiny_config_factory("grounded"))
+    frame = seg.prepare(scene_image)
+    chat = seg.method.chat_vlm  # type: ignore[attr-defined]
+    budget = chat.model.config.text_config.max_position_embeddings - seg.method.max_new_tokens  # type: ignore[attr-defined]
+    lengths = record_input_lengths(chat)
+    results = [seg.segment(frame, f"{i}: {LONG}", conversation_id="c") for i in range(7)]
+    assert len(lengths) == 7 and max(lengths) <= budget, (lengths, budget)
+    assert results[-1].dropped_turns >= 1 and results[-1].warnings

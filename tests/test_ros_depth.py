@@ -152,3 +152,42 @@ def test_cloud_reader_handles_big_endian_and_padded_points() -> None:
     msg.fields = msg.fields[:2]
     with pytest.raises(ValueError, match=r"no field\(s\) \['z'\]"):
         cloud_to_xyz(msg)
+
+
+@pytest.mark.parametrize(
+    ("index", "value"),
+    [(2, np.nan), (5, np.inf), (2, -np.inf), (0, np.nan), (4, np.inf), (8, np.nan), (1, np.inf)],
+)
+def test_camera_info_with_a_non_finite_k_entry_is_refused(index: int, value: float) -> None:
+    info = camera_info_msg((FX, FY, CX, CY), 20, 12)
+    info.k = info.k.copy()
+    info.k[index] = value
+    with pytest.raises(ValueError, match=rf"CameraInfo.k\[{index}\] is {value}; every entry must be finite"):
+        intrinsics_from_camera_info(info)
+    with pytest.raises(ValueError, match="cx=nan"):
+        Intrinsics(FX, FY, float("nan"), CY, width=20, height=12)
+
+
+def test_a_frame_with_non_finite_intrinsics_is_refused_before_anything_is_published() -> None:
+    from ros_testing import colour_image, image_msg
+
+    from llmseg_ros.ros.frames import frame_from_messages
+
+    info = camera_info_msg((FX, FY, float("nan"), float("inf")), 20, 12)
+    with pytest.raises(ValueError, match=r"CameraInfo\.k"):
+        frame_from_messages(
+            image_msg(colour_image(12, 20), "rgb8"), image_msg(synthetic_depth_mm(), "16UC1"), info
+        )
+
+
+def test_cloud_is_dense_only_when_every_point_is_finite() -> None:
+    # finite but extreme intrinsics overflow float32: those points are dropped, never published
+    extreme = Intrinsics(FX, 1e-300, CX, CY, width=20, height=12)
+    points = depth_to_points(synthetic_depth_mm(), "16UC1", extreme)
+    assert np.isfinite(points).all()
+    assert len(points) == 20 and (points[:, 1] == 0).all()  # only row v == cy stays finite
+    assert xyz_cloud(points).is_dense
+    mixed = np.array([[0.0, 1.0, 2.0], [np.nan, 1.0, 2.0], [0.5, np.inf, 1.0]], np.float32)
+    cloud = xyz_cloud(mixed)
+    assert not cloud.is_dense and cloud.width == 3  # points are kept as given, flagged honestly
+    assert xyz_cloud(np.zeros((0, 3), np.float32)).is_dense

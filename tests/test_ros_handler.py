@@ -281,3 +281,121 @@ def test_every_other_method_through_the_handler(
     assert 0.0 <= outcome.result.confidence <= 1.0 and outcome.overlay is not None
     assert not handler.handle(request_msg("")).success
     assert handler.handle(request_msg("a cup")).success
+
+
+class PlainStamp:
+    def __init__(self, sec: Any = 0, nanosec: Any = 0) -> None:
+        self.sec, self.nanosec = sec, nanosec
+
+
+class PlainRequest:
+    """A request given as "any object with these fields" (not a generated message class)."""
+
+    def __init__(self, **fields: Any) -> None:
+        self.instruction: Any = "the red things"
+        self.image: Any = None
+        self.stamp: Any = PlainStamp()
+        self.selection_strategy: Any = ""
+        self.iop_threshold: Any = -1.0
+        self.return_overlay: Any = False
+        self.explain: Any = False
+        self.conversation_id: Any = ""
+        for name, value in fields.items():
+            setattr(self, name, value)
+
+
+class PlainImage:
+    def __init__(
+        self, data: Any, height: Any = 1, width: Any = 2, step: Any = 6, encoding: Any = "rgb8"
+    ) -> None:
+        self.header = type("H", (), {"stamp": PlainStamp(), "frame_id": "cam"})()
+        self.height, self.width, self.step, self.encoding = height, width, step, encoding
+        self.is_bigendian = 0
+        self.data = data
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        ({"image": PlainImage([0, 1, 2, 3, 4, 2**64])}, "request image: image data"),
+        (
+            {"image": PlainImage([0, 1, 2, 3, 4, 300])},
+            "request image: image data must hold bytes in [0, 255], got 300",
+        ),
+        (
+            {"image": PlainImage(b"\0" * 6, height=float("inf"))},
+            "request image: Image.height must be an unsigned integer",
+        ),
+        ({"image": PlainImage(b"\0" * 6, width=2**40)}, "request image: Image.width must be in [0, 2^32)"),
+        ({"iop_threshold": 10**400}, "iop_threshold must be a number"),
+        ({"iop_threshold": "0.5"}, "iop_threshold must be a number"),
+        ({"stamp": PlainStamp(float("inf"), 0)}, "stamp.sec must be an integer"),
+        ({"stamp": PlainStamp(2**40, 0)}, "stamp.sec must be a 32-bit signed integer"),
+        ({"stamp": PlainStamp(1, 10**9)}, "stamp.nanosec must be in [0, 10^9)"),
+        ({"explain": "no"}, "explain must be a bool"),
+        ({"return_overlay": 2}, "return_overlay must be a bool"),
+        ({"selection_strategy": None}, "selection_strategy must be a string"),
+        ({"instruction": b"a cup"}, "instruction must be a string, got bytes"),
+        ({"conversation_id": 7}, "conversation_id must be a string, got int"),
+    ],
+)
+def test_every_request_field_is_checked_at_parse_time(fields: dict[str, Any], expected: str) -> None:
+    handler, _, seg = make()
+    outcome = handler.handle(PlainRequest(**fields))
+    assert not outcome.success and outcome.message.startswith(expected), outcome.message
+    assert seg.segment_calls == []
+    assert handler.handle(PlainRequest()).success  # the same path works with valid fields
+
+
+@pytest.mark.parametrize(
+    ("text", "what"),
+    [
+        ("a cup \ud800", "a lone surrogate U+D800 (not valid UTF-8) at character 6"),
+        ("a\x00cup", "the control character U+0000 at character 1"),
+        ("a cup\x1b[2J", "the control character U+001B at character 5"),
+        ("a \x85 cup", "the control character U+0085 at character 2"),
+    ],
+)
+def test_invalid_text_is_refused_before_the_model(text: str, what: str) -> None:
+    handler, _, seg = make()
+    outcome = handler.handle(request_msg(text))
+    assert not outcome.success
+    assert outcome.message.startswith(f"instruction holds {what}; expected text that is valid UTF-8"), (
+        outcome.message
+    )
+    assert seg.segment_calls == []
+    bad_id = handler.handle(request_msg("a cup", conversation_id="c\ud83d"))
+    assert not bad_id.success and bad_id.message.startswith("conversation_id holds a lone surrogate U+D83D")
+    assert handler.handle(request_msg("a cup\twith a tab\nand a new line, ünïcödé and emoji 🍽")).success
+
+
+def test_over_long_conversation_id_is_refused_with_its_parameter() -> None:
+    handler, _, seg = make()
+    outcome = handler.handle(request_msg("a cup", conversation_id="c" * (1 << 20)))
+    assert not outcome.success and outcome.conversation_id == ""  # the megabyte is not echoed back
+    assert outcome.message == (
+        "conversation_id has 1048576 characters; the limit is 128 (parameter conversation.max_id_chars)"
+    )
+    assert seg.segment_calls == []
+    assert handler.handle(request_msg("a cup", conversation_id="c" * 128)).success
+
+
+class NotingSegmenter(FakeSegmenter):
+    """Says that it dropped conversation turns, as ReasonSegmenter does."""
+
+    def segment(self, *args: Any, **kwargs: Any) -> Any:
+        result = super().segment(*args, **kwargs)
+        result.dropped_turns = 2
+        result.warnings.append(
+            "conversation 'c': dropped the 2 oldest turn(s) so the prompt fits the VLM's context"
+        )
+        return result
+
+
+def test_dropped_conversation_turns_are_said_in_the_response_message() -> None:
+    handler, _, _ = make(segmenter=NotingSegmenter())
+    outcome = handler.handle(request_msg("and the next one?", conversation_id="c"))
+    assert outcome.success and outcome.message.startswith("ok: ")
+    assert outcome.message.endswith(
+        "; conversation 'c': dropped the 2 oldest turn(s) so the prompt fits the VLM's context"
+    )

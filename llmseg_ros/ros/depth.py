@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from llmseg_ros.ros.images import DEPTH_ENCODINGS, message_bytes
+from llmseg_ros.ros.images import DEPTH_ENCODINGS, message_bytes, uint_field
 
 POINTFIELD_FLOAT32 = 7  # sensor_msgs/PointField.FLOAT32
 _POINTFIELD_DTYPES = {1: "i1", 2: "u1", 3: "i2", 4: "u2", 5: "i4", 6: "u4", 7: "f4", 8: "f8"}
@@ -33,20 +33,39 @@ class Intrinsics:
     height: int
 
     def __post_init__(self) -> None:
-        if not (np.isfinite(self.fx) and np.isfinite(self.fy) and self.fx > 0 and self.fy > 0):
+        values = {"fx": self.fx, "fy": self.fy, "cx": self.cx, "cy": self.cy}
+        if not all(isinstance(v, (int, float, np.floating, np.integer)) for v in values.values()):
+            raise TypeError(f"intrinsics must be numbers, got {values}")
+        bad = [f"{name}={float(v)}" for name, v in values.items() if not np.isfinite(v)]
+        if bad:
+            raise ValueError(f"intrinsics must be finite numbers, got {', '.join(bad)}")
+        if not (self.fx > 0 and self.fy > 0):
             raise ValueError(f"focal lengths must be finite and > 0, got fx={self.fx}, fy={self.fy}")
+        if not all(isinstance(v, (int, np.integer)) and v >= 0 for v in (self.width, self.height)):
+            raise ValueError(f"image size must be integers >= 0, got {self.width}×{self.height}")
 
 
 def intrinsics_from_camera_info(info: Any) -> Intrinsics:
     """Read fx, fy, cx, cy from ``CameraInfo.k`` (3×3 row-major) and the image size.
 
     Raises:
-        ValueError: ``k`` does not hold 9 numbers or its focal lengths are not positive
-            (an uncalibrated camera publishes zeros).
+        ValueError: ``k`` does not hold 9 numbers, one of them is not finite, its focal
+            lengths are not positive (an uncalibrated camera publishes zeros), or the
+            size is not two unsigned 32-bit integers.
     """
-    k = np.asarray(info.k, dtype=np.float64).reshape(-1)
+    try:
+        k = np.asarray(info.k, dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise ValueError(f"CameraInfo.k must hold 9 numbers (3×3 row-major): {exc}") from None
     if k.size != 9:
         raise ValueError(f"CameraInfo.k must hold 9 numbers (3×3 row-major), got {k.size}")
+    bad = np.flatnonzero(~np.isfinite(k))
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(
+            f"CameraInfo.k[{i}] is {float(k[i])}; every entry must be finite "
+            "(k = [fx, 0, cx, 0, fy, cy, 0, 0, 1], pixels)"
+        )
     if not (k[0] > 0 and k[4] > 0):
         raise ValueError(
             f"CameraInfo.k has fx={k[0]}, fy={k[4]}; expected positive focal lengths (is the camera calibrated?)"
@@ -56,8 +75,8 @@ def intrinsics_from_camera_info(info: Any) -> Intrinsics:
         fy=float(k[4]),
         cx=float(k[2]),
         cy=float(k[5]),
-        width=int(info.width),
-        height=int(info.height),
+        width=uint_field(info, "width", "CameraInfo"),
+        height=uint_field(info, "height", "CameraInfo"),
     )
 
 
@@ -110,7 +129,8 @@ def depth_to_points(
         mask: optional (h, w) bool selection (resized nearest-neighbour to (H, W)).
     Returns:
         (N, 3) float32 XYZ in metres in the camera optical frame, row-major pixel order;
-        pixels without a valid reading are dropped.
+        pixels without a valid reading are dropped, and so are points whose coordinates
+        are not finite in float32 (extreme intrinsics or depth): every point is finite.
     """
     metres = depth_to_metres(depth, encoding)
     h, w = metres.shape
@@ -124,9 +144,11 @@ def depth_to_points(
         valid &= resize_mask_nearest(mask, (h, w))
     v, u = np.nonzero(valid)
     z = metres[v, u].astype(np.float64)
-    x = (u.astype(np.float64) - intrinsics.cx) * z / intrinsics.fx
-    y = (v.astype(np.float64) - intrinsics.cy) * z / intrinsics.fy
-    return np.stack([x, y, z], axis=1).astype(np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):  # overflowing points are dropped below
+        x = (u.astype(np.float64) - intrinsics.cx) * z / intrinsics.fx
+        y = (v.astype(np.float64) - intrinsics.cy) * z / intrinsics.fy
+        points = np.stack([x, y, z], axis=1).astype(np.float32)
+    return points[np.isfinite(points).all(axis=1)]
 
 
 @dataclass
@@ -141,7 +163,10 @@ class PointFieldData:
 
 @dataclass
 class PointCloudData:
-    """The fields of a ``sensor_msgs/PointCloud2`` without its header (unorganised: height 1)."""
+    """The fields of a ``sensor_msgs/PointCloud2`` without its header (unorganised: height 1).
+
+    ``is_dense`` is True only when every point is finite (no NaN / inf coordinate).
+    """
 
     height: int
     width: int
@@ -155,10 +180,14 @@ class PointCloudData:
 
 
 def xyz_cloud(points: np.ndarray) -> PointCloudData:
-    """Pack (N, 3) XYZ metres into an unorganised PointCloud2 (x, y, z float32, little-endian, 12 bytes/point)."""
+    """Pack (N, 3) XYZ metres into an unorganised PointCloud2 (x, y, z float32, little-endian, 12 bytes/point).
+
+    Points are kept as given; ``is_dense`` says whether they are all finite.
+    """
     if points.ndim != 2 or points.shape[1] != 3:
         raise ValueError(f"points must be (N, 3), got shape {points.shape}")
-    packed = np.ascontiguousarray(points, dtype="<f4")
+    with np.errstate(over="ignore", invalid="ignore"):
+        packed = np.ascontiguousarray(points, dtype="<f4")
     n = int(packed.shape[0])
     return PointCloudData(
         height=1,
@@ -168,7 +197,7 @@ def xyz_cloud(points: np.ndarray) -> PointCloudData:
         point_step=12,
         row_step=12 * n,
         data=packed.view(np.uint8).reshape(-1),
-        is_dense=True,
+        is_dense=bool(np.isfinite(packed).all()),
         points=packed.astype(np.float32),
     )
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable
 from concurrent.futures import Future
 from typing import Generic, TypeVar
 
@@ -64,6 +64,20 @@ class FeatureCache(Generic[T]):
             raise
         future.set_result(value)
         return value, True
+
+    def snapshot(self) -> list[Hashable]:
+        """The keys held (finished or still computing), least recently used first."""
+        with self._lock:
+            return list(self._entries)
+
+    def discard(self, keys: Iterable[Hashable]) -> int:
+        """Forget ``keys`` (a computation still running for one finishes, uncached); returns how many were held."""
+        removed = 0
+        with self._lock:
+            for key in keys:
+                if self._entries.pop(key, None) is not None:
+                    removed += 1
+        return removed
 
     def clear(self) -> None:
         with self._lock:

@@ -6,22 +6,42 @@ Stamps are integer nanoseconds of ROS time (``sec · 10⁹ + nanosec`` of the he
 from __future__ import annotations
 
 import bisect
+import hashlib
 import threading
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from llmseg_ros.ros.depth import Intrinsics, intrinsics_from_camera_info
 from llmseg_ros.ros.images import depth_from_message, rgb_from_message
+from llmseg_ros.utils.text import check_text, short_repr
 
 NS_PER_S = 1_000_000_000
 
 
 def stamp_to_ns(stamp: Any) -> int:
-    """``builtin_interfaces/Time`` (fields ``sec``, ``nanosec``) → integer nanoseconds."""
-    return int(stamp.sec) * NS_PER_S + int(stamp.nanosec)
+    """``builtin_interfaces/Time`` (fields ``sec``, ``nanosec``) → integer nanoseconds.
+
+    Raises:
+        TypeError: ``sec`` or ``nanosec`` is not an integer.
+        ValueError: ``sec`` is outside int32 or ``nanosec`` outside [0, 10⁹).
+    """
+    values = []
+    for name in ("sec", "nanosec"):
+        value = getattr(stamp, name)
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise TypeError(
+                f"stamp.{name} must be an integer, got {type(value).__name__} {short_repr(value)}"
+            )
+        values.append(int(value))
+    sec, nanosec = values
+    if not -(2**31) <= sec < 2**31:
+        raise ValueError(f"stamp.sec must be a 32-bit signed integer, got {short_repr(sec)}")
+    if not 0 <= nanosec < NS_PER_S:
+        raise ValueError(f"stamp.nanosec must be in [0, 10^9), got {short_repr(nanosec)}")
+    return sec * NS_PER_S + nanosec
 
 
 def ns_to_sec_nanosec(stamp_ns: int) -> tuple[int, int]:
@@ -45,7 +65,9 @@ class HeaderData:
 
     @classmethod
     def from_message(cls, header: Any) -> HeaderData:
-        return cls(stamp_to_ns(header.stamp), str(header.frame_id))
+        """Read a ``std_msgs/Header``; ``TypeError`` / ``ValueError`` for a bad stamp or frame id."""
+        frame_id = check_text(header.frame_id, "header.frame_id", allow_newlines=False)
+        return cls(stamp_to_ns(header.stamp), frame_id)
 
 
 @dataclass
@@ -72,6 +94,7 @@ class Frame:
     intrinsics: Intrinsics | None = None
     camera_info: Any = None
     from_request: bool = False
+    _digest: str | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def stamp_ns(self) -> int:
@@ -79,8 +102,32 @@ class Frame:
 
     @property
     def key(self) -> tuple[int, str]:
-        """Identity of the frame for caches: (stamp, frame id)."""
+        """The frame's slot in a buffer: (stamp, frame id). Not an identity of its pixels:
+        a camera may re-publish a stamp with new pixels (use :attr:`cache_key` for caches)."""
         return (self.header.stamp_ns, self.header.frame_id)
+
+    @property
+    def digest(self) -> str:
+        """Content digest of the colour pixels (shape and bytes), computed once.
+
+        A frame's arrays must not be modified after it is built (buffers and caches share it).
+        """
+        if self._digest is None:
+            rgb = np.ascontiguousarray(self.rgb)
+            h = hashlib.blake2b(digest_size=16)
+            h.update(repr((rgb.shape, rgb.dtype.str)).encode())
+            h.update(rgb.data)
+            self._digest = h.hexdigest()
+        return self._digest
+
+    @property
+    def cache_key(self) -> tuple[int, str, str]:
+        """Identity of the frame for per-frame caches: (stamp, frame id, pixel digest).
+
+        Equal stamps with different pixels (or another resolution) never share an entry;
+        the same pixels re-published under the same stamp do.
+        """
+        return (self.header.stamp_ns, self.header.frame_id, self.digest)
 
     @property
     def has_depth(self) -> bool:
@@ -93,7 +140,9 @@ def frame_from_messages(
     """Convert synchronised Image (+ depth Image + CameraInfo) messages into a :class:`Frame`.
 
     Raises:
-        ValueError: an unsupported encoding, inconsistent sizes or an uncalibrated CameraInfo.
+        ValueError: an unsupported encoding, inconsistent sizes, a bad header or an
+            uncalibrated (or non-finite) CameraInfo.
+        TypeError: a field of the wrong type.
     """
     rgb = rgb_from_message(image)
     frame = Frame(header=HeaderData.from_message(image.header), rgb=rgb, from_request=from_request)
@@ -102,7 +151,7 @@ def frame_from_messages(
     if camera_info is None:
         raise ValueError("a depth image needs its CameraInfo to be used")
     frame.depth = depth_from_message(depth)
-    frame.depth_encoding = str(depth.encoding)
+    frame.depth_encoding = depth.encoding
     frame.depth_header = HeaderData.from_message(depth.header)
     frame.intrinsics = intrinsics_from_camera_info(camera_info)
     frame.camera_info = camera_info
@@ -125,11 +174,16 @@ def nearest_index(sorted_stamps: Sequence[int], stamp_ns: int) -> int | None:
     return min(candidates, key=lambda j: abs(sorted_stamps[j] - stamp_ns))
 
 
+FrameListener = Callable[[Frame, Frame | None], None]
+
+
 class FrameBuffer:
     """The latest ``capacity`` frames, sorted by stamp; thread-safe.
 
     A frame with the stamp of a buffered one replaces it; frames arriving out of order
     are inserted in stamp order; the oldest frames are dropped beyond ``capacity``.
+    Listeners (:meth:`add_listener`) hear of every frame that leaves, so caches tied to a
+    frame can forget it.
     """
 
     def __init__(self, capacity: int) -> None:
@@ -139,22 +193,42 @@ class FrameBuffer:
         self._stamps: list[int] = []
         self._frames: list[Frame] = []
         self._lock = threading.Lock()
+        self._listeners: list[FrameListener] = []
 
     def __len__(self) -> int:
         with self._lock:
             return len(self._frames)
 
+    def add_listener(self, listener: FrameListener) -> None:
+        """Call ``listener(departed, replacement)`` whenever a frame leaves the buffer.
+
+        ``replacement`` is the new frame with the same stamp when one replaced it, ``None``
+        when it was evicted (beyond ``capacity``) or cleared. Called outside the buffer's
+        lock, on the thread that added (or cleared); a listener must not raise.
+        """
+        with self._lock:
+            self._listeners.append(listener)
+
     def add(self, frame: Frame) -> None:
+        departed: list[tuple[Frame, Frame | None]] = []
         with self._lock:
             i = bisect.bisect_left(self._stamps, frame.stamp_ns)
             if i < len(self._stamps) and self._stamps[i] == frame.stamp_ns:
+                departed.append((self._frames[i], frame))
                 self._frames[i] = frame
             else:
                 self._stamps.insert(i, frame.stamp_ns)
                 self._frames.insert(i, frame)
             while len(self._frames) > self.capacity:
                 self._stamps.pop(0)
-                self._frames.pop(0)
+                departed.append((self._frames.pop(0), None))
+            listeners = list(self._listeners)
+        self._notify(listeners, departed)
+
+    def _notify(self, listeners: list[FrameListener], departed: list[tuple[Frame, Frame | None]]) -> None:
+        for old, new in departed:
+            for listener in listeners:
+                listener(old, new)
 
     def latest(self) -> Frame | None:
         with self._lock:
@@ -166,8 +240,11 @@ class FrameBuffer:
 
     def clear(self) -> None:
         with self._lock:
+            departed: list[tuple[Frame, Frame | None]] = [(f, None) for f in self._frames]
             self._stamps.clear()
             self._frames.clear()
+            listeners = list(self._listeners)
+        self._notify(listeners, departed)
 
     def get(self, stamp_ns: int, tolerance_ns: int = 0) -> Frame:
         """The buffered frame nearest to ``stamp_ns``, within ``tolerance_ns``.

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from llmseg_ros.config import SELECTION_STRATEGIES, SegmenterConfig, SelectionConfig
+from llmseg_ros.config import SELECTION_STRATEGIES, ConversationConfig, SegmenterConfig, SelectionConfig
 from llmseg_ros.ros.features import FeatureCache
 from llmseg_ros.ros.frames import (
     NS_PER_S,
@@ -35,6 +35,7 @@ from llmseg_ros.ros.frames import (
 from llmseg_ros.ros.frames import stamp_to_ns as _stamp_to_ns
 from llmseg_ros.ros.images import is_empty_image, overlay_bgr
 from llmseg_ros.types import FrameFeatures, SegmentResult
+from llmseg_ros.utils.text import check_text, short_repr
 
 
 class Segmenter(Protocol):
@@ -69,13 +70,15 @@ class HandlerSettings:
         stamp_tolerance_s: how far a requested stamp may be from a buffered frame's (s).
         image_topic: name of the colour topic, for messages.
         max_conversations: conversations whose frame is remembered for follow-ups.
+        max_conversation_id_chars: longest ``conversation_id`` accepted (characters).
     """
 
     max_instruction_chars: int = 1000
     request_timeout_s: float = 60.0
     stamp_tolerance_s: float = 0.01
     image_topic: str = "image"
-    max_conversations: int = 64
+    max_conversations: int = ConversationConfig.max_conversations
+    max_conversation_id_chars: int = ConversationConfig.max_id_chars
 
     def __post_init__(self) -> None:
         if self.max_instruction_chars < 1:
@@ -88,6 +91,8 @@ class HandlerSettings:
             raise ValueError(f"stamp_tolerance must be >= 0 seconds, got {self.stamp_tolerance_s}")
         if self.max_conversations < 1:
             raise ValueError(f"max_conversations must be >= 1, got {self.max_conversations}")
+        if self.max_conversation_id_chars < 1:
+            raise ValueError(f"max_conversation_id_chars must be >= 1, got {self.max_conversation_id_chars}")
 
 
 @dataclass
@@ -152,18 +157,54 @@ def _pick(scores: np.ndarray, indices: list[int]) -> list[float]:
     return [float(values[i]) for i in indices]
 
 
+def _flag(request: Any, name: str) -> bool:
+    value = getattr(request, name)
+    if isinstance(value, (bool, np.bool_)) or (isinstance(value, (int, np.integer)) and value in (0, 1)):
+        return bool(value)
+    raise RequestError(f"{name} must be a bool, got {type(value).__name__} {short_repr(value)}")
+
+
+def _text_field(request: Any, name: str, **limits: Any) -> str:
+    try:
+        return check_text(getattr(request, name), name, **limits)
+    except (TypeError, ValueError) as exc:
+        raise RequestError(str(exc)) from None
+
+
+def _iop_threshold(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise RequestError(
+            f"iop_threshold must be a number in [0, 1], or negative for the parameter; got "
+            f"{type(value).__name__} {short_repr(value)}"
+        )
+    try:
+        threshold = float(value)
+    except OverflowError:
+        raise RequestError(
+            f"iop_threshold must be a number in [0, 1], or negative for the parameter; got {short_repr(value)}"
+        ) from None
+    if math.isnan(threshold) or threshold > 1.0:
+        raise RequestError(f"iop_threshold must be in [0, 1], or negative for the parameter; got {threshold}")
+    return threshold
+
+
 def parse_request(
-    request: Any, *, max_instruction_chars: int, default_selection: SelectionConfig
+    request: Any,
+    *,
+    max_instruction_chars: int,
+    default_selection: SelectionConfig,
+    max_conversation_id_chars: int = ConversationConfig.max_id_chars,
 ) -> ParsedRequest:
-    """Validate the fields of a ``ReasonSegment`` request.
+    """Validate every field of a ``ReasonSegment`` request (type, range, text) before any work.
 
     Raises:
-        RequestError: empty or over-long instruction, bad strategy / threshold override,
-            or an unreadable request image.
+        RequestError: empty, over-long or invalid instruction (not valid UTF-8, control
+            characters), bad strategy / threshold override, a stamp or flag of the wrong
+            type or range, an over-long or invalid conversation id, or an unreadable
+            request image.
+        AttributeError: the request lacks a field.
     """
-    instruction = request.instruction
-    if not isinstance(instruction, str):
-        raise RequestError(f"instruction must be a string, got {type(instruction).__name__}")
+    instruction = _text_field(request, "instruction")
     text = instruction.strip()
     if not text:
         raise RequestError(
@@ -175,15 +216,13 @@ def parse_request(
             f"instruction has {len(text)} characters; the limit is {max_instruction_chars} "
             "(parameter max_instruction_chars)"
         )
-    strategy = str(request.selection_strategy).strip()
+    strategy = _text_field(request, "selection_strategy").strip()
     if strategy and strategy not in SELECTION_STRATEGIES:
         raise RequestError(
-            f"selection_strategy {strategy!r} is unknown; expected one of {list(SELECTION_STRATEGIES)} "
+            f"selection_strategy {short_repr(strategy)} is unknown; expected one of {list(SELECTION_STRATEGIES)} "
             "or empty for the parameter"
         )
-    threshold = float(request.iop_threshold)
-    if math.isnan(threshold) or threshold > 1.0:
-        raise RequestError(f"iop_threshold must be in [0, 1], or negative for the parameter; got {threshold}")
+    threshold = _iop_threshold(request.iop_threshold)
     selection = None
     if strategy or threshold >= 0.0:
         selection = SelectionConfig(
@@ -191,20 +230,31 @@ def parse_request(
             iop_threshold=threshold if threshold >= 0.0 else default_selection.iop_threshold,
             top_k=default_selection.top_k,
         )
+    conversation_id = request.conversation_id
+    if isinstance(conversation_id, str) and len(conversation_id.strip()) > max_conversation_id_chars:
+        raise RequestError(
+            f"conversation_id has {len(conversation_id.strip())} characters; the limit is "
+            f"{max_conversation_id_chars} (parameter conversation.max_id_chars)"
+        )
+    conversation = _text_field(request, "conversation_id", allow_newlines=False).strip()
+    try:
+        stamp_ns = _stamp_to_ns(request.stamp)
+    except (TypeError, ValueError) as exc:
+        raise RequestError(str(exc)) from None
+    return_overlay, explain = _flag(request, "return_overlay"), _flag(request, "explain")
     image = None
-    if not is_empty_image(request.image):
-        try:
+    try:
+        if not is_empty_image(request.image):
             image = frame_from_messages(request.image, from_request=True)
-        except (ValueError, TypeError) as exc:
-            raise RequestError(f"request image: {exc}") from exc
-    conversation = str(request.conversation_id).strip()
+    except (ValueError, TypeError, AttributeError) as exc:  # AttributeError: not an Image at all
+        raise RequestError(f"request image: {exc}") from None
     return ParsedRequest(
         instruction=text,
         image=image,
-        stamp_ns=_stamp_to_ns(request.stamp),
+        stamp_ns=stamp_ns,
         selection=selection,
-        return_overlay=bool(request.return_overlay),
-        explain=bool(request.explain),
+        return_overlay=return_overlay,
+        explain=explain,
         conversation_id=conversation or None,
     )
 
@@ -243,12 +293,16 @@ class RequestHandler:
         self.segmenter = segmenter
         self.buffer = buffer
         self.settings = settings or HandlerSettings(
-            max_instruction_chars=segmenter.config.max_instruction_chars
+            max_instruction_chars=segmenter.config.max_instruction_chars,
+            max_conversations=segmenter.config.conversation.max_conversations,
+            max_conversation_id_chars=segmenter.config.conversation.max_id_chars,
         )
         self._model_lock = threading.Lock()
         self._features: FeatureCache[FrameFeatures] = FeatureCache(buffer.capacity + 1)
-        self._conversations: OrderedDict[str, int] = OrderedDict()
+        # conversation id → (stamp, cache key) of the frame it is about
+        self._conversations: OrderedDict[str, tuple[int, tuple[int, str, str]]] = OrderedDict()
         self._conv_lock = threading.Lock()
+        buffer.add_listener(self._frame_left)
 
     # -- per frame ---------------------------------------------------------------------
     def features_for(self, frame: Frame) -> tuple[FrameFeatures, bool]:
@@ -261,7 +315,8 @@ class RequestHandler:
             return self._cached_features(frame)
 
     def has_features(self, frame: Frame) -> bool:
-        return frame.key in self._features
+        """True when features computed from exactly this frame's pixels are cached."""
+        return frame.cache_key in self._features
 
     def clear(self) -> None:
         """Forget cached features and conversations (e.g. when the models are unloaded)."""
@@ -270,20 +325,31 @@ class RequestHandler:
             self._conversations.clear()
 
     def _cached_features(self, frame: Frame) -> tuple[FrameFeatures, bool]:
-        return self._features.get_or_compute(frame.key, lambda: self.segmenter.prepare(frame.rgb))
+        # Keyed by the frame's pixels, not only its stamp: a re-published stamp with new
+        # pixels (or a new resolution) never gets the features of the frame it replaced.
+        return self._features.get_or_compute(frame.cache_key, lambda: self.segmenter.prepare(frame.rgb))
+
+    def _frame_left(self, old: Frame, new: Frame | None) -> None:
+        """Buffer listener: forget the features of a frame that was replaced or dropped."""
+        stale = [key for key in self._features.snapshot() if isinstance(key, tuple) and key[:2] == old.key]
+        if stale and new is not None:
+            keep = new.cache_key  # the same pixels re-published keep their features
+            stale = [key for key in stale if key != keep]
+        self._features.discard(stale)
 
     # -- per request -------------------------------------------------------------------
     def handle(self, request: Any) -> SegmentationOutcome:
         """Serve one request; never raises for a bad request, a timeout or a model error."""
         t0 = time.perf_counter()
         deadline = time.monotonic() + self.settings.request_timeout_s
-        instruction = str(getattr(request, "instruction", ""))
-        conversation = str(getattr(request, "conversation_id", ""))
+        instruction = _echo(getattr(request, "instruction", ""), self.settings.max_instruction_chars)
+        conversation = _echo(getattr(request, "conversation_id", ""), self.settings.max_conversation_id_chars)
         try:
             parsed = parse_request(
                 request,
                 max_instruction_chars=self.settings.max_instruction_chars,
                 default_selection=self.segmenter.config.selection,
+                max_conversation_id_chars=self.settings.max_conversation_id_chars,
             )
             frame, note = self._choose_frame(parsed)
         except RequestError as exc:
@@ -315,7 +381,7 @@ class RequestHandler:
         outcome.timings = dict(job.timings)
         outcome.timings["request_total"] = time.perf_counter() - t0
         if parsed.conversation_id is not None and not frame.from_request:
-            self._remember_conversation(parsed.conversation_id, frame.stamp_ns)
+            self._remember_conversation(parsed.conversation_id, frame)
         outcome.message = _success_message(result, frame, note)
         return outcome
 
@@ -336,20 +402,27 @@ class RequestHandler:
             )
         if parsed.conversation_id is not None:
             with self._conv_lock:
-                stamp = self._conversations.get(parsed.conversation_id)
-            if stamp is not None:
+                remembered = self._conversations.get(parsed.conversation_id)
+            if remembered is not None:
+                stamp, key = remembered
                 try:
-                    return self.buffer.get(stamp, 0), ""
+                    frame = self.buffer.get(stamp, 0)
                 except FrameLookupError:
                     return latest, (
                         f"; the frame of conversation '{parsed.conversation_id}' ({format_stamp(stamp)}) is no longer "
                         "buffered, so the latest frame was used and the conversation restarts"
                     )
+                if frame.cache_key != key:
+                    return frame, (
+                        f"; the frame of conversation '{parsed.conversation_id}' ({format_stamp(stamp)}) was replaced "
+                        "by a new image with the same stamp, so the conversation restarts on it"
+                    )
+                return frame, ""
         return latest, ""
 
-    def _remember_conversation(self, conversation_id: str, stamp_ns: int) -> None:
+    def _remember_conversation(self, conversation_id: str, frame: Frame) -> None:
         with self._conv_lock:
-            self._conversations[conversation_id] = stamp_ns
+            self._conversations[conversation_id] = (frame.stamp_ns, frame.cache_key)
             self._conversations.move_to_end(conversation_id)
             while len(self._conversations) > self.settings.max_conversations:
                 self._conversations.popitem(last=False)
@@ -402,6 +475,14 @@ class RequestHandler:
         job.result = result
 
 
+def _echo(value: object, max_chars: int) -> str:
+    """A request's text field as given when it is valid text within its limit, else ``""``."""
+    try:
+        return check_text(value, "text", max_chars=max_chars)
+    except (TypeError, ValueError):
+        return ""
+
+
 def _success_message(result: SegmentResult, frame: Frame, note: str) -> str:
     pixels = int(np.count_nonzero(result.mask))
     source = "the request image" if frame.from_request else f"frame {format_stamp(frame.stamp_ns)}"
@@ -412,4 +493,5 @@ def _success_message(result: SegmentResult, frame: Frame, note: str) -> str:
         if result.selected:
             what += f" ({len(result.selected)} of {result.num_proposals} proposals)"
         what += f", confidence {result.confidence:.2f}"
-    return f"ok: {what}; method {result.method}, {source}{note}"
+    warnings = "".join(f"; {w}" for w in result.warnings)
+    return f"ok: {what}; method {result.method}, {source}{note}{warnings}"

@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from llmseg_ros.utils.text import short_repr
+
 
 @dataclass(frozen=True)
 class EncodingInfo:
@@ -68,40 +70,90 @@ class ImageData:
 
 def encoding_info(encoding: str) -> EncodingInfo:
     """Layout of ``encoding``; ``ValueError`` listing the supported ones otherwise."""
+    if not isinstance(encoding, str):
+        raise TypeError(
+            f"image encoding must be a string, got {type(encoding).__name__} {short_repr(encoding)}"
+        )
     try:
         return ENCODINGS[encoding]
     except KeyError:
         raise ValueError(
-            f"unsupported image encoding {encoding!r}; expected one of {list(ENCODINGS)}"
+            f"unsupported image encoding {short_repr(encoding)}; expected one of {list(ENCODINGS)}"
         ) from None
+
+
+def uint_field(msg: Any, name: str, what: str = "Image", bits: int = 32) -> int:
+    """An unsigned integer field of a message (``uint32`` height, width, step ...), checked.
+
+    Raises:
+        TypeError: the field is not an integer (``bool`` included).
+        ValueError: it is outside ``[0, 2**bits)``.
+    """
+    value = getattr(msg, name)
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(
+            f"{what}.{name} must be an unsigned integer, got {type(value).__name__} {short_repr(value)}"
+        )
+    if not 0 <= int(value) < 2**bits:
+        raise ValueError(f"{what}.{name} must be in [0, 2^{bits}), got {short_repr(int(value))}")
+    return int(value)
 
 
 def message_bytes(data: Any) -> np.ndarray:
     """The ``data`` field of a message as a flat uint8 array (no copy when possible).
 
-    Accepts numpy arrays, ``bytes``/``bytearray``/``memoryview``, ``array.array`` and
-    sequences of ints (what rclpy and rosbags hold in ``uint8[]`` fields).
+    Accepts numpy uint8 arrays, ``bytes``/``bytearray``, byte ``memoryview`` and
+    ``array.array('B')`` (rclpy's ``uint8[]``), and lists/tuples of ints in [0, 255].
+
+    Raises:
+        TypeError: another container, or one holding something other than bytes.
+        ValueError: a list/tuple holding values outside [0, 255] (never wrapped around).
     """
     if isinstance(data, np.ndarray):
         if data.dtype != np.uint8:
             raise TypeError(f"image data must hold uint8 bytes, got a numpy array of dtype {data.dtype}")
         return data.reshape(-1)
-    if isinstance(data, (bytes, bytearray, memoryview, array.array)):
+    if isinstance(data, (bytes, bytearray)):
+        return np.frombuffer(data, dtype=np.uint8)
+    if isinstance(data, (memoryview, array.array)):
+        code = data.format if isinstance(data, memoryview) else data.typecode
+        if code not in ("B", "b", "c"):
+            raise TypeError(f"image data must hold bytes, got a {type(data).__name__} of type code {code!r}")
         return np.frombuffer(data, dtype=np.uint8)
     if isinstance(data, (list, tuple)):
-        return np.asarray(data, dtype=np.uint8)
+        try:
+            values = np.asarray(data)
+        except (ValueError, OverflowError):
+            values = np.asarray(data, dtype=object).reshape(-1)
+        if values.ndim != 1 or (values.size and values.dtype.kind not in "iu"):
+            raise TypeError(
+                "image data given as a list must be flat and hold integers in [0, 255], got "
+                f"{short_repr(data)}"
+            )
+        if values.size and (int(values.min()) < 0 or int(values.max()) > 255):
+            bad = values[(values < 0) | (values > 255)][0]
+            raise ValueError(f"image data must hold bytes in [0, 255], got {short_repr(int(bad))}")
+        return values.astype(np.uint8)
     raise TypeError(
         f"image data must be bytes, array.array, a numpy uint8 array or a list, got {type(data).__name__}"
     )
 
 
 def is_empty_image(msg: Any) -> bool:
-    """True when an Image message carries no pixels (the "not set" value of a field)."""
+    """True when an Image message carries no pixels (the "not set" value of a field).
+
+    Raises:
+        TypeError, ValueError: ``height`` / ``width`` are not unsigned 32-bit integers or
+            ``data`` has no length.
+    """
     if msg is None:
         return True
-    if int(msg.height) == 0 or int(msg.width) == 0:
+    if uint_field(msg, "height") == 0 or uint_field(msg, "width") == 0:
         return True
-    return len(msg.data) == 0
+    try:
+        return len(msg.data) == 0
+    except TypeError:
+        raise TypeError(f"Image.data must be a sequence of bytes, got {type(msg.data).__name__}") from None
 
 
 def image_to_numpy(msg: Any) -> np.ndarray:
@@ -114,8 +166,10 @@ def image_to_numpy(msg: Any) -> np.ndarray:
     Raises:
         ValueError: unsupported encoding, empty image, ``step`` too small or too little data.
     """
-    info = encoding_info(str(msg.encoding))
-    height, width, step = int(msg.height), int(msg.width), int(msg.step)
+    info = encoding_info(msg.encoding)
+    height, width, step = uint_field(msg, "height"), uint_field(msg, "width"), uint_field(msg, "step")
+    if not isinstance(msg.is_bigendian, (bool, int, np.integer)) or not 0 <= int(msg.is_bigendian) <= 255:
+        raise TypeError(f"Image.is_bigendian must be a uint8 (0 or 1), got {short_repr(msg.is_bigendian)}")
     if height <= 0 or width <= 0:
         raise ValueError(f"image is empty: height={height}, width={width}")
     row_bytes = width * info.bytes_per_pixel
@@ -124,8 +178,8 @@ def image_to_numpy(msg: Any) -> np.ndarray:
             f"image step {step} is smaller than width × bytes per pixel = {width} × {info.bytes_per_pixel}"
             f" = {row_bytes} for encoding {msg.encoding!r}"
         )
+    needed = step * height  # checked against the data before anything is allocated
     buf = message_bytes(msg.data)
-    needed = step * height
     if buf.size < needed:
         raise ValueError(
             f"image data has {buf.size} bytes; expected step × height = {step} × {height} = {needed}"
@@ -208,7 +262,8 @@ def to_rgb(pixels: np.ndarray, encoding: str) -> np.ndarray:
 
 def rgb_from_message(msg: Any) -> np.ndarray:
     """(H, W, 3) uint8 RGB from a colour Image message (any of ``COLOUR_ENCODINGS``)."""
-    encoding = str(msg.encoding)
+    encoding = msg.encoding
+    encoding_info(encoding)
     if encoding in DEPTH_ENCODINGS:
         raise ValueError(
             f"the colour image has depth encoding {encoding!r}; expected one of {list(COLOUR_ENCODINGS)}"
@@ -218,10 +273,12 @@ def rgb_from_message(msg: Any) -> np.ndarray:
 
 def depth_from_message(msg: Any) -> np.ndarray:
     """(H, W) depth from a depth Image message: uint16 millimetres (16UC1) or float32 metres (32FC1)."""
-    encoding = str(msg.encoding)
+    encoding = msg.encoding
+    if not isinstance(encoding, str):
+        encoding_info(encoding)  # raises the TypeError
     if encoding not in DEPTH_ENCODINGS:
         raise ValueError(
-            f"the depth image has encoding {encoding!r}; expected one of {list(DEPTH_ENCODINGS)}"
+            f"the depth image has encoding {short_repr(encoding)}; expected one of {list(DEPTH_ENCODINGS)}"
             " (16UC1 millimetres or 32FC1 metres)"
         )
     return image_to_numpy(msg)

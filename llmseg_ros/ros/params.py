@@ -145,6 +145,9 @@ DESCRIPTIONS: dict[str, str] = {
     "lora.alpha": "LoRA alpha (must match the trained adapter)",
     "lora.dropout": "LoRA dropout (training only)",
     "lora.target_modules": "modules the LoRA adapter wraps (must match the trained adapter)",
+    "conversation.max_turns": "earlier turns kept per conversation_id (older ones dropped; also dropped, oldest first, to fit the VLM's context)",
+    "conversation.max_id_chars": "longest conversation_id accepted (characters)",
+    "conversation.max_conversations": "conversations remembered at once (least recently used forgotten)",
 }
 
 
@@ -285,6 +288,8 @@ def handler_settings(
         request_timeout_s=settings.request_timeout,
         stamp_tolerance_s=settings.stamp_tolerance,
         image_topic=image_topic,
+        max_conversations=config.conversation.max_conversations,
+        max_conversation_id_chars=config.conversation.max_id_chars,
     )
 
 

@@ -2,8 +2,9 @@
 
 Frames arrive faster than the proposal stage runs. The worker keeps at most one frame
 running and at most one pending (the newest submitted); a newer frame replaces the
-pending one, and a frame not newer than the newest one submitted so far is ignored. So it
-never processes a frame older than one it skipped to, and never two frames at once.
+pending one, and a frame older than the newest one submitted so far is ignored (so is the
+same stamp again with the same pixels; the same stamp with new pixels is a new frame). So
+it never processes a frame older than one it skipped to, and never two frames at once.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ class PrecomputeStats:
         processed: stamps (ns) of the frames it processed, in processing order (the
             latest 1000).
         skipped: pending frames replaced by a newer one before they started.
-        ignored: submitted frames not newer than the newest submitted before them.
+        ignored: submitted frames older than the newest submitted before them, or that
+            frame again (same stamp, frame id and pixels).
         errors: frames whose work raised.
         last_error: ``"<stamp>: <Type>: <message>"`` of the latest failure.
     """
@@ -57,7 +59,7 @@ class BackgroundPrecomputer:
         self._cond = threading.Condition()
         self._pending: Frame | None = None
         self._running: Frame | None = None
-        self._newest_ns: int | None = None
+        self._newest: Frame | None = None
         self._closed = False
         self._processed: deque[int] = deque(maxlen=1000)
         self._stats = PrecomputeStats()
@@ -65,14 +67,26 @@ class BackgroundPrecomputer:
         self._thread.start()
 
     def submit(self, frame: Frame) -> bool:
-        """Offer a new frame; returns False when it is ignored (not newer, or closed)."""
+        """Offer a new frame; returns False when it is ignored (older, the same frame again, or closed)."""
         with self._cond:
             if self._closed:
                 return False
-            if self._newest_ns is not None and frame.stamp_ns <= self._newest_ns:
+            newest = self._newest
+        # A re-published stamp is a new frame only when its pixels differ (digest outside the lock).
+        if newest is not None and (
+            frame.stamp_ns < newest.stamp_ns
+            or (frame.stamp_ns == newest.stamp_ns and frame.cache_key == newest.cache_key)
+        ):
+            with self._cond:
                 self._stats.ignored += 1
+            return False
+        with self._cond:
+            if self._closed:
                 return False
-            self._newest_ns = frame.stamp_ns
+            if self._newest is not None and frame.stamp_ns < self._newest.stamp_ns:
+                self._stats.ignored += 1  # a newer frame was submitted meanwhile
+                return False
+            self._newest = frame
             if self._pending is not None:
                 self._stats.skipped += 1
             self._pending = frame
