@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -75,15 +76,21 @@ def cmd_import_weights(args: argparse.Namespace) -> int:
             dry_run=args.dry_run,
         )
         plan = import_weights(options)
-    except FileNotFoundError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_MISSING_WEIGHTS
     except (ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return _failed(exc)
     if not args.dry_run:
         print(_run_hint(options.out, plan.method, args.sam, args.dinov2))
     return EXIT_OK
+
+
+def _failed(exc: Exception) -> int:
+    """Print ``exc`` as one error line; its exit code: 3 missing files, 1 download failure, 2 bad input."""
+    from llmseg_ros.weights.fetch import FetchError
+
+    print(f"error: {exc}", file=sys.stderr)
+    if isinstance(exc, FileNotFoundError):
+        return EXIT_MISSING_WEIGHTS
+    return EXIT_FAIL if isinstance(exc, FetchError) else EXIT_USAGE
 
 
 def _run_hint(weights: Path, method: str, sam: Path | None, dinov2: Path | None) -> str:
@@ -111,29 +118,33 @@ def cmd_fetch_released(args: argparse.Namespace, fallback: Command) -> int:
     """``fetch-weights --released``: SAM (+ DINOv2 for LLM-Seg) and the checkpoints, imported."""
     if not args.released:
         return fallback(args)
+    from llmseg_ros.weights.catalog import fetch_released
     from llmseg_ros.weights.fetch import FetchError, FetchPlan, fetch_all
 
-    needs_dinov2 = any(RELEASED[name].method == "llmseg" for name in args.released)
+    names = tuple(dict.fromkeys(args.released))
+    needs_dinov2 = any(RELEASED[name].method == "llmseg" for name in names)
     hub = (args.dinov2,) if needs_dinov2 and args.dinov2 else ()
     try:
         plan = FetchPlan(
-            directory=args.dir,
-            sam_model_type=None if args.no_sam else args.sam_model_type,
-            hub_models=hub,
-            released=tuple(dict.fromkeys(args.released)),
+            directory=args.dir, sam_model_type=None if args.no_sam else args.sam_model_type, hub_models=hub
         )
         paths = fetch_all(plan)
-    except FetchError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_FAIL
-    except FileNotFoundError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_MISSING_WEIGHTS
-    except (ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    dinov2 = paths.get(args.dinov2) if hub else None
-    for name in plan.released:
+        dinov2 = paths.get(args.dinov2) if hub else None
+        for name in names:
+            paths[name] = fetch_released(name, args.dir, sam=paths.get("sam"), dinov2=dinov2)
+    except (FetchError, ValueError, OSError) as exc:
+        return _failed(exc)
+    config = {
+        "sam_model_type": args.sam_model_type,
+        **({"sam_checkpoint": str(paths["sam"])} if "sam" in paths else {}),
+    }
+    if dinov2 is not None:
+        config["dinov2"] = str(dinov2)
+    from llmseg_ros.utils.atomic import atomic_write_text
+
+    written = atomic_write_text(args.dir / "llmseg_config.json", json.dumps(config, indent=2) + "\n")
+    print(f"model paths written to {written} (use it with --config)")
+    for name in names:
         entry = RELEASED[name]
         print(f"{name}: should reproduce {entry.reproduces}")
         print(_run_hint(paths[name], entry.method, paths.get("sam"), dinov2))

@@ -77,11 +77,11 @@ def _tokenizer() -> Any:
     )
 
 
-def _base_config(vocab: int) -> dict[str, Any]:
+def _base_config(vocab: int, text: dict[str, Any] | None = None) -> dict[str, Any]:
     return {
         "architectures": ["LlavaLlamaForCausalLM"],
         "model_type": "llava",
-        **TEXT,
+        **(TEXT if text is None else text),
         "hidden_act": "silu",
         "rms_norm_eps": 1e-6,
         "max_position_embeddings": 512,
@@ -192,6 +192,7 @@ def authors_module_state(
     sam_path: Path,
     dinov2_dir: Path | None = None,
     seed: int = 0,
+    text: dict[str, Any] | None = None,
 ) -> OrderedDict[str, torch.Tensor]:
     """The authors' ``LISAForCausalLM`` state dict (unwrapped names), bfloat16.
 
@@ -203,6 +204,7 @@ def authors_module_state(
         clip_dir: :func:`save_clip_vision` folder (the frozen CLIP copy).
         sam_path: the tiny SAM checkpoint (the frozen SAM copy).
         dinov2_dir: the tiny DINOv2 folder (LLM-Seg only).
+        text: LLaMA sizes instead of :data:`TEXT` (larger checkpoints for the memory benchmark).
     """
     from safetensors.torch import load_file
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -210,14 +212,15 @@ def authors_module_state(
     if kind not in ("llmseg", "lisa"):
         raise ValueError(f"kind must be 'llmseg' or 'lisa', got {kind!r}")
     vocab = json.loads((base_dir / "config.json").read_text())["vocab_size"] + len(AUTHORS_TOKENS)
+    text = TEXT if text is None else text
     gen = torch.Generator().manual_seed(seed)
     state: OrderedDict[str, torch.Tensor] = OrderedDict()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         llama = LlamaForCausalLM(
-            LlamaConfig(vocab_size=vocab, rms_norm_eps=1e-6, tie_word_embeddings=False, **TEXT)
+            LlamaConfig(vocab_size=vocab, rms_norm_eps=1e-6, tie_word_embeddings=False, **text)
         )
-    hidden, heads = TEXT["hidden_size"], TEXT["num_attention_heads"]
+    hidden, heads = text["hidden_size"], text["num_attention_heads"]
     head_dim = hidden // heads
     for key, value in llama.state_dict().items():
         state[key] = value
@@ -389,15 +392,24 @@ def save_llmseg_deepspeed(
 
 
 def save_lisa_hf(
-    directory: str | Path, *, base_dir: Path, clip_dir: Path, sam_path: Path, seed: int = 0
+    directory: str | Path,
+    *,
+    base_dir: Path,
+    clip_dir: Path,
+    sam_path: Path,
+    seed: int = 0,
+    text: dict[str, Any] | None = None,
 ) -> Path:
-    """A LISA release in the authors' Hugging Face layout (see the module docstring)."""
-    state = authors_module_state("lisa", base_dir=base_dir, clip_dir=clip_dir, sam_path=sam_path, seed=seed)
+    """A LISA release in the authors' Hugging Face layout (see the module docstring);
+    ``text``: LLaMA sizes instead of :data:`TEXT`."""
+    state = authors_module_state(
+        "lisa", base_dir=base_dir, clip_dir=clip_dir, sam_path=sam_path, seed=seed, text=text
+    )
     tokenizer = _tokenizer()
     tokenizer.add_tokens(AUTHORS_TOKENS[0])
     tokenizer.add_tokens(list(AUTHORS_TOKENS[1:]), special_tokens=True)
     config = {
-        **_base_config(len(tokenizer)),
+        **_base_config(len(tokenizer), text),
         "architectures": ["LISAForCausalLM"],
         "mm_use_im_start_end": True,
         "mm_use_im_patch_token": False,

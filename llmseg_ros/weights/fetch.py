@@ -42,20 +42,13 @@ class FetchPlan:
         directory: destination root.
         sam_model_type: ``vit_h`` | ``vit_l`` | ``vit_b``, or ``None`` to skip SAM.
         hub_models: hub ids to snapshot (DINOv2, VLM, ...), each into ``directory/<name>``.
-        released: published LLM-Seg / LISA checkpoints to download and import, by name
-            (``llmseg_ros.weights.catalog.RELEASED``), each into ``directory/<name>``.
     """
 
     directory: Path
     sam_model_type: str | None = "vit_h"
     hub_models: tuple[str, ...] = ("facebook/dinov2-large", "llava-hf/llava-1.5-7b-hf")
-    released: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        from llmseg_ros.weights.catalog import released
-
-        for name in self.released:
-            released(name)  # ValueError naming the known checkpoints
         if self.sam_model_type is not None and self.sam_model_type not in SAM_FILES:
             raise ValueError(
                 f"sam_model_type must be one of {sorted(SAM_FILES)}, got {self.sam_model_type!r}"
@@ -131,8 +124,7 @@ def fetch_hub_model(repo_id: str, directory: Path) -> Path:
 
 
 def fetch_all(plan: FetchPlan, log: Callable[[str], None] = print) -> dict[str, Path]:
-    """Download everything in ``plan``; returns name → local path (SAM under ``"sam"``, each
-    released checkpoint's imported weights under its name)."""
+    """Download everything in ``plan``; returns name → local path (SAM under ``"sam"``)."""
     paths: dict[str, Path] = {}
     if plan.sam_model_type is not None:
         name = SAM_FILES[plan.sam_model_type]
@@ -146,10 +138,4 @@ def fetch_all(plan: FetchPlan, log: Callable[[str], None] = print) -> dict[str, 
     for repo_id in plan.hub_models:
         log(f"downloading {repo_id} from the Hugging Face hub")
         paths[repo_id] = fetch_hub_model(repo_id, plan.directory)
-    if plan.released:
-        from llmseg_ros.weights.catalog import fetch_released
-
-        dinov2 = next((p for repo, p in paths.items() if "dinov2" in repo), None)
-        for name in plan.released:
-            paths[name] = fetch_released(name, plan.directory, sam=paths.get("sam"), dinov2=dinov2, log=log)
     return paths

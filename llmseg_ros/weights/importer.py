@@ -285,70 +285,61 @@ def _check_derived(plan_source: TensorSource, entries: list[Disposition], spec: 
         entry.note = "equal to the recomputed values"
 
 
-def _verify_sam(source: TensorSource, entries: list[Disposition], sam: Path | None, notes: list[str]) -> None:
-    frozen = [e for e in entries if e.kind == "frozen" and e.target.startswith("sam:")]
+def _verify_frozen(
+    source: TensorSource,
+    entries: list[Disposition],
+    kind: str,
+    public: Path | None,
+    reference: Callable[[Path], Callable[[str], torch.Tensor | None]],
+    unverified: str,
+    notes: list[str],
+) -> None:
+    """Compare the frozen ``kind`` copies (``"sam"`` / ``"dinov2"``) with the ``public`` weights.
+
+    ``reference(public)`` gives a lookup from the copy's name to the public tensor (``None``
+    when absent); equal after casting to the copy's dtype = verified, else ``ValueError``.
+    Without ``public`` the tensors are marked unverified and ``unverified`` is noted.
+    """
+    frozen = [e for e in entries if e.kind == "frozen" and e.target.startswith(f"{kind}:")]
     if not frozen:
         return
-    if sam is None:
+    if public is None:
         for e in frozen:
             e.note = "not verified"
-        notes.append(
-            f"{len(frozen)} frozen SAM tensors were dropped unverified: run the imported weights with the public "
-            "SAM ViT-H checkpoint (sam_vit_h_4b8939.pth, `llmseg fetch-weights`), which the authors froze; "
-            "pass --sam to compare"
-        )
+        notes.append(f"{len(frozen)} {unverified}")
         return
-    public = read_state_dict(sam, unwrap="model")
+    lookup = reference(public)
     for e in frozen:
-        name = e.target[len("sam:") :]
-        ref = public.get(name)
+        name = e.target[len(kind) + 1 :]
+        ref = lookup(name)
         tensor = source.get(e.key)
         if (
             ref is None
-            or tuple(ref.shape) != tuple(tensor.shape)
-            or not torch.equal(ref.to(tensor.dtype), tensor)
+            or ref.numel() != tensor.numel()
+            or not torch.equal(ref.reshape(tensor.shape).to(tensor.dtype), tensor)
         ):
+            label = {"sam": "SAM", "dinov2": "DINOv2"}[kind]
             raise ValueError(
-                f"{e.key} differs from {name!r} of {sam}: the checkpoint's SAM is not that public SAM; it cannot be "
-                "dropped (pass the SAM checkpoint the model was trained with)"
+                f"{e.key} differs from {name!r} of {public}: the checkpoint's {label} is not that public {label}; "
+                "it cannot be dropped (pass the weights the model was trained with)"
             )
-        e.note = f"equal to {sam.name}"
+        e.note = f"equal to {public.name}"
 
 
-def _verify_dinov2(
-    source: TensorSource, entries: list[Disposition], dinov2: Path | None, notes: list[str]
-) -> None:
-    frozen = [e for e in entries if e.kind == "frozen" and e.target.startswith("dinov2:")]
-    if not frozen:
-        return
-    if dinov2 is None:
-        for e in frozen:
-            e.note = "not verified"
-        notes.append(
-            f"{len(frozen)} frozen DINOv2 tensors (torch.hub dinov2_vitl14) were dropped unverified: run with "
-            "facebook/dinov2-large (the same weights in transformers' layout); pass --dinov2 to compare"
-        )
-        return
-    public = open_hf(dinov2)
-    for e in frozen:
-        hub_key = e.target[len("dinov2:") :]
+def _public_sam(path: Path) -> Callable[[str], torch.Tensor | None]:
+    return read_state_dict(path, unwrap="model").get
+
+
+def _public_dinov2(path: Path) -> Callable[[str], torch.Tensor | None]:
+    public = open_hf(path)
+
+    def lookup(hub_key: str) -> torch.Tensor | None:
         names = dinov2_hf_names(hub_key)
-        if names is None:
-            raise ValueError(f"{e.key}: {hub_key!r} is not a DINOv2 ViT parameter of the torch.hub layout")
-        absent = [n for n in names if n not in public]
-        if absent:
-            raise ValueError(
-                f"{dinov2} has no {absent} (for {e.key}); expected a transformers Dinov2Model folder"
-            )
-        ref = torch.cat([public.get(n) for n in names]) if len(names) > 1 else public.get(names[0])
-        tensor = source.get(e.key)
-        if ref.numel() != tensor.numel() or not torch.equal(
-            ref.reshape(tensor.shape).to(tensor.dtype), tensor
-        ):
-            raise ValueError(
-                f"{e.key} differs from {names} of {dinov2}: the checkpoint's DINOv2 is not those weights"
-            )
-        e.note = f"equal to {dinov2.name}"
+        if names is None or any(n not in public for n in names):
+            return None
+        return torch.cat([public.get(n) for n in names]) if len(names) > 1 else public.get(names[0])
+
+    return lookup
 
 
 def _check_heads(entries: list[Disposition], method: str) -> None:
@@ -475,8 +466,26 @@ def plan_import(options: ImportOptions) -> ImportPlan:
     lora_rank = _lora_rank(entries, source, int(text["num_hidden_layers"]))
     notes: list[str] = []
     _check_derived(source, entries, spec)
-    _verify_sam(source, entries, options.sam, notes)
-    _verify_dinov2(source, entries, options.dinov2, notes)
+    _verify_frozen(
+        source,
+        entries,
+        "sam",
+        options.sam,
+        _public_sam,
+        "frozen SAM tensors were dropped unverified: run the imported weights with the public SAM ViT-H "
+        "checkpoint (sam_vit_h_4b8939.pth, `llmseg fetch-weights`), which the authors froze; pass --sam to compare",
+        notes,
+    )
+    _verify_frozen(
+        source,
+        entries,
+        "dinov2",
+        options.dinov2,
+        _public_dinov2,
+        "frozen DINOv2 tensors (torch.hub dinov2_vitl14) were dropped unverified: run with facebook/dinov2-large "
+        "(the same weights in transformers' layout); pass --dinov2 to compare",
+        notes,
+    )
     return ImportPlan(
         options, source, prefix, entries, spec, tokenizer, config, expected, vision, lora_rank, notes
     )

@@ -232,6 +232,11 @@ class LlavaV1Format(ConversationFormat):
         """``llava_v1`` text: system prompt, then ``USER: … ASSISTANT: …</s>`` turns (the image first)."""
         texts = [q for q, _ in turns] + [user_text]
         self._check_texts(turns, texts)
+        for text in [*texts, *(a for _, a in turns)]:
+            if IM_START in text or IM_END in text:
+                raise ValueError(
+                    f"instructions and answers must not contain {IM_START} or {IM_END}, got {text!r}"
+                )
         user, assistant = LLAVA_V1_ROLES
         text = LLAVA_V1_SYSTEM + LLAVA_V1_SEPS[0]
         for i, question in enumerate(texts):
