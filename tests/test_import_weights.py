@@ -179,6 +179,21 @@ def tokenizer_image_token(prompt: str, tokenizer: Any) -> list[int]:
     return ids
 
 
+def check_prompt_tokens(vlm: Any, tokenizer: Any, image: np.ndarray) -> list[int]:
+    """Our conversation text and expanded ids equal the authors' (their ids returned, with the
+    IMAGE_TOKEN_INDEX placeholder where we put one token per image feature)."""
+    prompt = authors_prompt(INSTRUCTION)
+    assert vlm.build_conversation(INSTRUCTION, is_sentence=True) == prompt
+    ref_ids = tokenizer_image_token(prompt, tokenizer)
+    p = ref_ids.index(IMAGE_TOKEN_INDEX)
+    n_image = (CLIP_IMAGE // 14) ** 2
+    assert (
+        vlm.expanded_input_ids(prompt, image)
+        == ref_ids[:p] + [vlm.image_token_id] * n_image + ref_ids[p + 1 :]
+    )
+    return ref_ids
+
+
 # -- the authors' LLaVA forward ----------------------------------------------------------------
 
 
@@ -407,15 +422,7 @@ def test_imported_llmseg_runs_exactly_the_authors_forward(
     seg = ReasonSegmenter(_config(released, "llmseg"))
     method: Any = seg.method
     vlm = method.vlm
-
-    # prompt tokens and image-token positions
-    prompt = authors_prompt(INSTRUCTION)
-    assert vlm.build_conversation(INSTRUCTION, is_sentence=True) == prompt
-    ref_ids = tokenizer_image_token(prompt, authors_tokenizer(released["base"], add_tokens=True))
-    ours = vlm.expanded_input_ids(prompt, image)
-    p = ref_ids.index(IMAGE_TOKEN_INDEX)
-    n_image = (CLIP_IMAGE // 14) ** 2
-    assert ours == ref_ids[:p] + [vlm.image_token_id] * n_image + ref_ids[p + 1 :]
+    ref_ids = check_prompt_tokens(vlm, authors_tokenizer(released["base"], add_tokens=True), image)
 
     # [SEG] hidden state (LoRA applied) and text_hidden_fcs
     prefix = "model.vision_tower.vision_tower.vision_model."
@@ -554,11 +561,7 @@ def test_imported_lisa_runs_exactly_the_authors_forward(released: dict[str, Path
     seg = ReasonSegmenter(_config(released, "lisa"))
     method: Any = seg.method
     vlm = method.vlm
-    prompt = authors_prompt(INSTRUCTION)
-    assert vlm.build_conversation(INSTRUCTION, is_sentence=True) == prompt
-    ref_ids = tokenizer_image_token(prompt, authors_tokenizer(released["lisa"], add_tokens=False))
-    p = ref_ids.index(IMAGE_TOKEN_INDEX)
-    assert vlm.expanded_input_ids(prompt, image) == ref_ids[:p] + [vlm.image_token_id] * 16 + ref_ids[p + 1 :]
+    ref_ids = check_prompt_tokens(vlm, authors_tokenizer(released["lisa"], add_tokens=False), image)
 
     # the merged LLaMA; the public CLIP the release leaves out
     clip_state = {

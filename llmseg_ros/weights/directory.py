@@ -354,6 +354,13 @@ def write_manifest(directory: Path, manifest: WeightsManifest) -> None:
         fh.write("\n")
 
 
+def _unreadable(path: Path, exc: Exception) -> ValueError:
+    return ValueError(
+        f"{path}: not a readable safetensors file ({type(exc).__name__}: {exc}); the weights directory is "
+        "damaged (empty, truncated or overwritten): export or import it again"
+    )
+
+
 def read_heads(path: Path) -> dict[str, dict[str, torch.Tensor]]:
     """``heads.safetensors`` as module → state dict; ``ValueError`` for a damaged file or bad keys."""
     from safetensors import SafetensorError
@@ -362,10 +369,7 @@ def read_heads(path: Path) -> dict[str, dict[str, torch.Tensor]]:
     try:
         flat = load_file(str(path))
     except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
-        raise ValueError(
-            f"{path}: not a readable safetensors file ({type(exc).__name__}: {exc}); the weights "
-            "directory is damaged (empty, truncated or overwritten): export or import it again"
-        ) from None
+        raise _unreadable(path, exc) from None
     if not flat:
         raise ValueError(f"{path}: holds no tensors; expected '<module>.<param>' keys (projection.*, ...)")
     state_dicts: dict[str, dict[str, torch.Tensor]] = {}
@@ -395,10 +399,7 @@ def check_adapter(adapter: Path) -> None:
             with safe_open(str(weights), framework="pt") as fh:
                 keys = list(fh.keys())
         except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
-            raise ValueError(
-                f"{weights}: not a readable safetensors file ({type(exc).__name__}: {exc}); the adapter is "
-                "damaged: export or import the weights again"
-            ) from None
+            raise _unreadable(weights, exc) from None
         if not keys:
             raise ValueError(f"{weights}: holds no tensors; expected the LoRA adapter's weights")
     else:
