@@ -100,6 +100,77 @@ class LoraSettings:
             raise ValueError("target_modules must name at least one module")
 
 
+CONVERSATION_FORMATS = ("llava15", "llava_v1")
+INSTRUCTION_STYLES = ("ours", "authors")
+
+
+@dataclass
+class PromptFormat:
+    """How an instruction becomes the ``<SEG>`` VLM's text, and the answer it is taught with.
+
+    Part of every weights directory's manifest, so each set of weights is queried the way it
+    was trained (``llmseg_ros.weights.directory``).
+
+    Attributes:
+        conversation: ``llava15``: the processor's chat template (LLaVA-1.5,
+            ``"USER: <image>\\n{question} ASSISTANT:"``), our own training's format;
+            ``llava_v1``: the LLM-Seg / LISA authors' ``llava_v1`` template (their system
+            prompt, ``USER:`` / ``ASSISTANT:`` turns separated by ``" "`` and ``"</s>"``, the
+            image as ``<im_start><image><im_end>`` in the first turn), tokenised piece by
+            piece as their tokenizer did.
+        instruction: ``ours``: whitespace normalised, terminal punctuation added to
+            sentences; ``authors``: the stripped instruction verbatim (their validation).
+        answer: the teacher-forced answer; holds :attr:`seg_token` exactly once
+            (``"It is <SEG>."`` ours, ``"[SEG]."`` the authors' validation).
+        seg_token: the segmentation token of the vocabulary (``<SEG>`` ours, ``[SEG]``
+            the authors').
+    """
+
+    conversation: str = "llava15"
+    instruction: str = "ours"
+    answer: str = "It is <SEG>."
+    seg_token: str = "<SEG>"
+
+    def __post_init__(self) -> None:
+        _check_choice("conversation", self.conversation, CONVERSATION_FORMATS)
+        _check_choice("instruction", self.instruction, INSTRUCTION_STYLES)
+        for name in ("answer", "seg_token"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name).strip():
+                raise ValueError(f"{name} must be a non-empty str, got {getattr(self, name)!r}")
+        if self.seg_token != self.seg_token.strip() or any(c.isspace() for c in self.seg_token):
+            raise ValueError(f"seg_token must hold no whitespace, got {self.seg_token!r}")
+        if self.answer.count(self.seg_token) != 1:
+            raise ValueError(
+                f"answer must contain the seg_token {self.seg_token!r} exactly once, got {self.answer!r}"
+            )
+
+    def to_dict(self) -> dict[str, str]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "prompt") -> PromptFormat:
+        """A prompt format from its JSON form; ``ValueError`` naming ``source`` when malformed."""
+        if not isinstance(data, dict):
+            raise ValueError(f"{source} must be a JSON object, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{source}: unknown field(s) {unknown}; expected some of {sorted(known)}")
+        for key, value in data.items():
+            if not isinstance(value, str):
+                raise ValueError(f"{source}.{key} must be a str, got {type(value).__name__}")
+        try:
+            return cls(**data)
+        except ValueError as exc:
+            raise ValueError(f"{source}: {exc}") from None
+
+
+# The format the released LLM-Seg and LISA checkpoints were trained and validated with.
+AUTHORS_PROMPT = PromptFormat(
+    conversation="llava_v1", instruction="authors", answer="[SEG].", seg_token="[SEG]"
+)
+
+
 @dataclass
 class ConversationConfig:
     """Limits of follow-up conversations (requests sharing a ``conversation_id``).

@@ -234,3 +234,38 @@ def test_tiny_dinov2_is_deterministic(tmp_path: Path) -> None:
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert any(not torch.equal(wa[k], wc[k]) for k in wa)
     assert sorted(p.name for p in a.iterdir()) == ["config.json", "model.safetensors"]
+
+
+# -- position embeddings: torch.hub DINOv2 vs transformers ---------------------------------
+def _hub_interpolation(table: torch.Tensor, grid: int) -> torch.Tensor:
+    """facebookresearch/dinov2 interpolate_pos_encoding: float, bicubic, scale (grid + 0.1) / M."""
+    m = int((table.shape[1] - 1) ** 0.5)
+    patch = table[:, 1:].float().reshape(1, m, m, -1).permute(0, 3, 1, 2)
+    scale = (grid + 0.1) / m
+    patch = F.interpolate(patch, scale_factor=(scale, scale), mode="bicubic", antialias=False)
+    return torch.cat([table[:, :1].float(), patch.permute(0, 2, 3, 1).reshape(1, grid * grid, -1)], dim=1)
+
+
+def test_hub_position_embeddings_give_the_authors_features(tiny_dir: Path) -> None:
+    """The authors' torch.hub DINOv2 resamples the position grid with a 0.1 offset; transformers
+    resamples to the exact size. With ``pos_interpolation="hub"`` we compute the former."""
+    from transformers import Dinov2Model
+
+    image = _image(40, 70, seed=5)
+    hub = MaskEmbedder.load(str(tiny_dir), input_size=INPUT, pos_interpolation="hub")
+    ours_hf = MaskEmbedder.load(str(tiny_dir), input_size=INPUT, pos_interpolation="transformers")
+    grid = INPUT // 14
+    reference = Dinov2Model.from_pretrained(str(tiny_dir)).eval()
+    original = reference.embeddings.position_embeddings.detach().clone()
+    with torch.no_grad():
+        pixels = hub.preprocess(image)[None]
+        plain = reference(pixel_values=pixels).last_hidden_state[0, 1:]  # transformers' own resampling
+        reference.embeddings.interpolate_pos_encoding = lambda emb, h, w: _hub_interpolation(original, grid)
+        authors = reference(pixel_values=pixels).last_hidden_state[0, 1:]
+    as_map = lambda tokens: tokens.T.reshape(-1, grid, grid)  # noqa: E731
+    torch.testing.assert_close(hub.backbone_features(image), as_map(authors), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours_hf.backbone_features(image), as_map(plain), rtol=1e-5, atol=1e-5)
+    difference = (authors - plain).norm() / plain.norm()
+    assert difference > 1e-3  # the two resamplings are not the same function
+    with pytest.raises(ValueError, match="pos_interpolation must be one of"):
+        MaskEmbedder.load(str(tiny_dir), input_size=INPUT, pos_interpolation="nearest")

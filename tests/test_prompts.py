@@ -115,3 +115,19 @@ def test_pick_template_checks_rng() -> None:
     with pytest.raises(ValueError, match="at least one template"):
         pick_template((), random.Random(0))
     assert pick_template(("a",), random.Random(0)) == "a"
+
+
+@pytest.mark.parametrize(
+    ("text", "is_sent", "expected"),
+    [
+        # the LLM-Seg / LISA validation: text.strip() verbatim, no punctuation added or removed
+        ("  where could I sit down  ", True, "where could I sit down Please output segmentation mask."),
+        ("the cup.", False, "What is the cup. in this image? Please output segmentation mask."),
+        ("a  b", True, "a  b Please output segmentation mask."),
+    ],
+)
+def test_authors_style_keeps_the_instruction_verbatim(text: str, is_sent: bool, expected: str) -> None:
+    assert format_instruction(text, is_sent, style="authors") == expected
+    assert format_instruction(text, is_sent) != expected  # ours normalises and punctuates
+    with pytest.raises(ValueError, match="style must be 'ours' or 'authors'"):
+        format_instruction(text, style="theirs")

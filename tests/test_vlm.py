@@ -408,3 +408,88 @@ def test_tiny_llava_is_deterministic(tmp_path: Path, tiny_dir: Path) -> None:
     assert (other / "model.safetensors").read_bytes() != (tiny_dir / "model.safetensors").read_bytes()
     tokens = SegVLM.load(again, device=CPU, dtype=torch.float32).tokenizer.tokenize(" the cup in this image")
     assert len(tokens) == 5  # common words are single tokens
+
+
+# -- the authors' llava_v1 conversation -------------------------------------------------------
+LLAVA_V1_SYSTEM = (
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions."
+)
+
+
+@pytest.fixture(scope="module")
+def llava_v1(tiny_dir: Path):
+    """The tiny processor with the authors' added tokens, in the llava_v1 format."""
+    from transformers import AutoProcessor
+
+    from llmseg_ros.config import AUTHORS_PROMPT
+    from llmseg_ros.models.vlm.conversation import LlavaV1Format
+
+    processor = AutoProcessor.from_pretrained(tiny_dir)
+    processor.tokenizer.add_tokens("[SEG]")
+    processor.tokenizer.add_tokens(["<im_start>", "<im_end>"], special_tokens=True)
+    return LlavaV1Format(processor, device=CPU, dtype=torch.float32, prompt=AUTHORS_PROMPT)
+
+
+def test_llava_v1_text_is_the_authors(llava_v1) -> None:
+    """LLM-Seg / LISA validation: conv_llava_v1, "<image>\\n {text} Please output segmentation
+    mask." with <im_start>/<im_end> around the image, the answer "[SEG]." then "</s>"."""
+    text = llava_v1.build("  where is the mug  ", is_sentence=True)
+    assert text == (
+        f"{LLAVA_V1_SYSTEM} USER: <im_start><image><im_end>\n where is the mug Please output segmentation mask. "
+        "ASSISTANT: [SEG].</s>"
+    )
+    assert llava_v1.build("the mug", is_sentence=False, answer=None).endswith(
+        "\n What is the mug in this image? Please output segmentation mask. ASSISTANT:"
+    )
+    history = llava_v1.build("and the cup?", is_sentence=True, history=[("the mug", "[SEG].")])
+    assert history.endswith(
+        "What is the mug in this image? Please output segmentation mask. ASSISTANT: [SEG].</s>"
+        "USER: and the cup? Please output segmentation mask. ASSISTANT: [SEG].</s>"
+    )
+
+
+def test_llava_v1_tokens_are_cut_like_the_authors_tokenizer(llava_v1) -> None:
+    """tokenizer_image_token with their slow tokenizer: BOS once, pieces encoded on their own, the
+    whitespace next to [SEG] / <im_start> / <im_end> dropped, one image token per feature."""
+    tok = llava_v1.tokenizer
+    text = llava_v1.build("where is the mug", is_sentence=True)
+    ids = llava_v1.input_ids(text, "<image>" * 5)
+
+    def enc(s: str) -> list[int]:
+        return tok.encode(s, add_special_tokens=False)
+
+    image_id = tok.convert_tokens_to_ids("<image>")
+    expected = (
+        [tok.bos_token_id]
+        + enc(f"{LLAVA_V1_SYSTEM} USER:")
+        + [tok.convert_tokens_to_ids("<im_start>")]
+        + [image_id] * 5
+        + [tok.convert_tokens_to_ids("<im_end>")]
+        + enc("where is the mug Please output segmentation mask. ASSISTANT:")
+        + [tok.convert_tokens_to_ids("[SEG]")]
+        + enc(".")
+        + [tok.eos_token_id]
+    )
+    assert ids == expected
+    with pytest.raises(ValueError, match="is for inference"):
+        llava_v1.encode(text, "<image>")
+
+
+def test_llava_v1_needs_the_authors_tokens(tiny_dir: Path) -> None:
+    from llmseg_ros.config import AUTHORS_PROMPT
+
+    with pytest.raises(ValueError, match=r"needs the tokens \['<im_start>', '<im_end>'\]"):
+        SegVLM.load(tiny_dir, device=CPU, dtype=torch.float32, prompt=AUTHORS_PROMPT)
+    with pytest.raises(ValueError, match="training uses the llava15 conversation format"):
+        SegVLM.load(tiny_dir, device=CPU, dtype=torch.float32, prompt=AUTHORS_PROMPT, trainable=True)
+
+
+def test_the_prompt_format_sets_the_teacher_forced_answer(tiny_dir: Path, image: np.ndarray) -> None:
+    from llmseg_ros.config import PromptFormat
+
+    sure = SegVLM.load(tiny_dir, device=CPU, dtype=torch.float32, prompt=PromptFormat(answer="Sure, <SEG>."))
+    assert sure.build_conversation("the mug").endswith("ASSISTANT: Sure, <SEG>.")
+    default = sure.seg_hidden(image, "the mug")
+    torch.testing.assert_close(default, sure.seg_hidden(image, "the mug", answer="Sure, <SEG>."))
+    assert not torch.allclose(default, sure.seg_hidden(image, "the mug", answer="It is <SEG>."))

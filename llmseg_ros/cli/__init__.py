@@ -2,7 +2,8 @@
 
     llmseg segment --image IMG --instruction TEXT [--weights DIR | --config FILE | --profile tiny]
                    --out MASK.png [--overlay OVERLAY.png]
-    llmseg fetch-weights [--dir DIR]
+    llmseg fetch-weights [--dir DIR] [--released NAME ...]
+    llmseg import-weights --format llmseg-deepspeed|lisa-hf SRC --out DIR [--dry-run ...]
     llmseg replay-bag INPUT_BAG --instructions FILE --out OUTPUT_BAG [...]
 
 argparse lives here only; everything is converted to a :class:`SegmenterConfig`.
@@ -24,6 +25,7 @@ from llmseg_ros.cli.common import (
     add_model_arguments,
 )
 from llmseg_ros.cli.replay import add_replay_arguments, run_replay
+from llmseg_ros.cli.weights import add_import_command, add_released_option
 
 __all__ = ["EXIT_FAIL", "EXIT_MISSING_WEIGHTS", "EXIT_OK", "EXIT_USAGE", "build_parser", "main"]
 
@@ -49,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("--dinov2", default="facebook/dinov2-large", help="DINOv2 hub id ('' to skip)")
     fetch.add_argument("--vlm", default="llava-hf/llava-1.5-7b-hf", help="VLM hub id ('' to skip)")
     fetch.set_defaults(func=cmd_fetch)
+    add_released_option(fetch)
+    add_import_command(sub)
 
     replay = sub.add_parser("replay-bag", help="run the pipeline over a rosbag2 and write a new bag")
     add_replay_arguments(replay)

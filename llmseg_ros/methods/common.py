@@ -100,15 +100,18 @@ def trained_weights_and_vlm(components: Components, method: str) -> tuple[Loaded
 
 
 def load_state(module: nn.Module, weights: LoadedWeights, key: str, where: object) -> None:
-    """Load the ``key.*`` tensors of ``weights`` into ``module``.
+    """Load the ``key.*`` tensors of ``weights`` into ``module`` (the same keys and shapes).
 
     Raises:
-        ValueError: the weights (in directory ``where``) hold no ``key.*`` tensors.
+        ValueError: the weights (in directory ``where``) hold no ``key.*`` tensors, or
+            tensors that do not fit ``module`` (missing, unexpected or mis-shaped keys named).
     """
+    from llmseg_ros.weights.directory import load_module_state
+
     state = weights.state_dicts.get(key)
     if state is None:
         raise ValueError(f"weights in {where} hold no '{key}.*' tensors")
-    module.load_state_dict(state)
+    load_module_state(module, state, f"the '{key}.*' tensors of the weights in {where}")
 
 
 def cached_prefix(

@@ -54,7 +54,7 @@ class LisaMethod:
         head = LisaMaskHead(sam, vlm.hidden_size)
         load_state(head.projection, weights, "projection", components.config.weights_dir)
         if "mask_decoder" in weights.state_dicts:  # else SAM's own decoder (zero-shot)
-            head.mask_decoder.load_state_dict(weights.state_dicts["mask_decoder"])
+            load_state(head.mask_decoder, weights, "mask_decoder", components.config.weights_dir)
         head.to(components.device)
         return cls(sam, vlm, head)
 

@@ -5,6 +5,13 @@ embeddings (K, 256), and the VLM's key/value cache of the image prefix.
 Per instruction: one teacher-forced VLM pass → ``<SEG>`` hidden state → text projection
 (h→h→256) → selector (fusion + IoU / IoP heads) → selection strategy → union mask.
 
+The weights' manifest says how they were trained, and the method follows it: the VLM's
+prompt format (``llmseg_ros.models.vlm``), DINOv2's position embeddings
+(``llmseg_ros.models.embeddings``), the rounding of SAM's downscaled input
+(``sam_downscale``) and the resolution the proposals are pooled at (``mask_pooling``:
+``input`` = the frame's; ``sam`` = SAM's input, the authors' — the masks SAM produced,
+before they are upscaled to the frame).
+
 Confidence (``SegmentResult.confidence``):
     * IoP-based strategies: mean predicted IoP of the selected proposals; when nothing is
       selected (the "no such object" answer), ``1 - max IoP`` — the confidence that
@@ -25,7 +32,7 @@ import torch
 from llmseg_ros.config import SelectionConfig
 from llmseg_ros.methods.base import SegmentRequest
 from llmseg_ros.methods.common import load_state, query_seg_hidden, sync, trained_weights_and_vlm
-from llmseg_ros.types import FrameFeatures, SegmentResult
+from llmseg_ros.types import FrameFeatures, Proposals, SegmentResult
 
 if TYPE_CHECKING:
     from llmseg_ros.models.components import Components
@@ -62,7 +69,11 @@ class LLMSegMethod:
         projection: TextProjection,
         selector: ProposalSelector,
         selection: SelectionConfig | None = None,
+        mask_pooling: str = "input",
     ) -> None:
+        if mask_pooling not in ("input", "sam"):
+            raise ValueError(f"mask_pooling must be 'input' or 'sam', got {mask_pooling!r}")
+        self.mask_pooling = mask_pooling
         self.proposal_generator = proposal_generator
         self.mask_embedder = mask_embedder
         self.vlm = vlm
@@ -78,19 +89,29 @@ class LLMSegMethod:
         from llmseg_ros.models.selector import ProposalSelector
 
         weights, vlm = trained_weights_and_vlm(components, "llmseg")
-        projection = TextProjection(weights.manifest.hidden_size, weights.manifest.embed_dim)
-        selector = ProposalSelector()
+        manifest = weights.manifest
+        projection = TextProjection(manifest.hidden_size, manifest.embed_dim)
+        selector = ProposalSelector(dim=manifest.embed_dim)
         load_state(projection, weights, "projection", components.config.weights_dir)
         load_state(selector, weights, "selector", components.config.weights_dir)
         projection.to(components.device)
         selector.to(components.device)
+        if manifest.sam_downscale == "round":
+            proposal_generator = components.proposal_generator()
+        else:  # the rounding these weights were trained with
+            from llmseg_ros.models.proposals import ProposalGenerator
+
+            proposal_generator = ProposalGenerator.from_config(
+                components.sam(), components.config.proposals, downscale_rounding=manifest.sam_downscale
+            )
         return cls(
-            components.proposal_generator(),
+            proposal_generator,
             components.mask_embedder(),
             vlm,
             projection,
             selector,
             components.config.selection,
+            mask_pooling=manifest.mask_pooling,
         )
 
     # -- per frame -----------------------------------------------------------------
@@ -101,7 +122,7 @@ class LLMSegMethod:
         t1 = time.perf_counter()
         features = self.mask_embedder.backbone_features(image)
         feature_map = self.mask_embedder.project(features)
-        embeddings = self.mask_embedder.pool(feature_map, proposals.masks).float()
+        embeddings = self.mask_embedder.pool(feature_map, self.pooled_masks(proposals)).float()
         sync(self.device)
         t2 = time.perf_counter()
         return FrameFeatures(
@@ -109,6 +130,18 @@ class LLMSegMethod:
             proposals=proposals,
             mask_embeddings=embeddings,
             timings={"proposals": t1 - t0, "mask_embeddings": t2 - t1},
+        )
+
+    def pooled_masks(self, proposals: Proposals) -> np.ndarray:
+        """The proposals at the resolution they are pooled at: the frame's (``input``) or
+        SAM's input (``sam``; (K, h, w) bool, exactly the masks SAM produced)."""
+        if self.mask_pooling == "input" or len(proposals) == 0:
+            return proposals.masks
+        from llmseg_ros.models.proposals import masks_at_sam_resolution
+
+        height, width = proposals.image_size
+        return masks_at_sam_resolution(
+            proposals.masks, self.proposal_generator.sam_input_shape(height, width)
         )
 
     # -- per instruction -----------------------------------------------------------

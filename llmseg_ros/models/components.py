@@ -145,14 +145,22 @@ class Components:
     def mask_embedder(self) -> MaskEmbedder:
         def build() -> MaskEmbedder:
             from llmseg_ros.models.embeddings import MaskEmbedder
+            from llmseg_ros.weights.directory import load_module_state
 
+            weights = self.trained_weights()
             embedder = MaskEmbedder.load(
-                self.config.dinov2, device=self.device, dtype=self.dtype, input_size=self.config.embed_size
+                weights.model_source("dinov2", self.config.dinov2),
+                device=self.device,
+                dtype=self.dtype,
+                input_size=self.config.embed_size,
+                pos_interpolation=weights.manifest.dinov2_pos_interpolation,
             )
-            state = self.trained_weights().state_dicts.get("mask_proj")
+            state = weights.state_dicts.get("mask_proj")
             if state is None:
                 raise ValueError(f"weights in {self.config.weights_dir} hold no 'mask_proj.*' tensors")
-            embedder.proj.load_state_dict(state)
+            load_module_state(
+                embedder.proj, state, f"the 'mask_proj.*' tensors of the weights in {self.config.weights_dir}"
+            )
             return embedder.eval()
 
         return self._get("mask_embedder", build)
@@ -163,11 +171,12 @@ class Components:
 
             weights = self.trained_weights()
             return SegVLM.load(
-                self.config.vlm,
+                weights.model_source("base_vlm", self.config.vlm),
                 device=self.device,
                 dtype=self.dtype,
                 adapter_dir=weights.adapter_dir,
                 quantization=self.config.vlm_quantization,
+                prompt=weights.manifest.prompt,
             )
 
         return self._get("seg_vlm", build)

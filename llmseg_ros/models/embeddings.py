@@ -25,14 +25,23 @@ returns exactly the keys ``proj.weight`` ``(out_dim, hidden, 1, 1)`` and ``proj.
 ``(out_dim,)`` (``lisa_dino_conv.weight`` / ``.bias`` in the authors' checkpoints); the
 backbone is always frozen and in eval mode.
 
-Difference from the released code: that code loads DINOv2 through ``torch.hub`` whose
-position-embedding interpolation uses a scale factor with a 0.1 offset; transformers'
-``Dinov2Model`` (which it always applies when the grid differs from the pre-training grid)
-resizes to the exact target grid with bicubic interpolation, so features differ slightly.
+Position embeddings (``pos_interpolation``): DINOv2 was pre-trained on a 37×37 grid; at 896
+px the grid is 64×64. The released LLM-Seg code loads DINOv2 through ``torch.hub``
+(``dinov2_vitl14``), whose ``interpolate_pos_encoding`` resamples the 37×37 embeddings in
+float32 with bicubic interpolation (no antialias) given a *scale factor*
+``(64 + 0.1) / 37`` — the 0.1 "interpolate offset" — so the source coordinates are
+``(i + 0.5) · 37 / 64.1 − 0.5``. transformers' ``Dinov2Model`` resamples to the exact
+*size* 64, ``(i + 0.5) · 37 / 64 − 0.5``: at 896 px its features differ from the hub's by
+about 1.8 % (relative L2). ``"hub"`` (the default) resamples the embeddings once, the
+hub's way, and stores them in the backbone for the input grid (transformers then uses them
+as they are), so ``facebook/dinov2-large`` gives the authors' features; ``"transformers"``
+keeps transformers' own resampling (what weights trained before this option used; their
+manifest says so).
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +54,43 @@ PIXEL_STD = (58.395, 57.12, 57.375)
 POOL_EPS = 1e-8
 _SUPPORTED_MODEL_TYPES = ("dinov2", "dinov2_with_registers")
 _MASK_CHUNK = 16  # masks resized at once in `pool` (bounds peak memory for big frames)
+POS_INTERPOLATIONS = ("hub", "transformers")
+HUB_INTERPOLATE_OFFSET = 0.1  # dinov2's `interpolate_offset` (vision_transformer.py)
+
+
+def hub_position_embeddings(position_embeddings: torch.Tensor, grid: int) -> torch.Tensor:
+    """DINOv2 position embeddings resampled to a ``grid × grid`` patch grid as ``torch.hub``'s
+    ``dinov2_vitl14`` does (``interpolate_pos_encoding``: float32, bicubic, no antialias,
+    scale factor ``(grid + 0.1) / M``).
+
+    Args:
+        position_embeddings: (1, 1 + M², D), the class token's first.
+    Returns:
+        (1, 1 + grid², D) in the input's dtype; the input itself when ``grid == M``.
+    """
+    if position_embeddings.ndim != 3 or position_embeddings.shape[0] != 1:
+        raise ValueError(
+            f"position_embeddings must be (1, 1 + M*M, D), got {tuple(position_embeddings.shape)}"
+        )
+    n = int(position_embeddings.shape[1]) - 1
+    m = math.isqrt(n)
+    if m * m != n or m < 1:
+        raise ValueError(f"position_embeddings must hold 1 + M*M rows, got {n + 1}")
+    if grid < 1:
+        raise ValueError(f"grid must be >= 1, got {grid}")
+    if grid == m:
+        return position_embeddings
+    dim = int(position_embeddings.shape[2])
+    pos = position_embeddings.float()
+    patch = pos[:, 1:].reshape(1, m, m, dim).permute(0, 3, 1, 2)  # (1, D, M, M)
+    scale = float(grid + HUB_INTERPOLATE_OFFSET) / m
+    patch = F.interpolate(patch, scale_factor=(scale, scale), mode="bicubic", antialias=False)
+    if tuple(patch.shape[-2:]) != (grid, grid):
+        raise RuntimeError(
+            f"hub interpolation gave a {tuple(patch.shape[-2:])} grid, expected {(grid, grid)}"
+        )
+    patch = patch.permute(0, 2, 3, 1).reshape(1, grid * grid, dim)
+    return torch.cat([pos[:, :1], patch], dim=1).to(position_embeddings.dtype)
 
 
 def _looks_like_path(model: str) -> bool:
@@ -68,13 +114,26 @@ class MaskEmbedder(nn.Module):
             size (896 in LLM-Seg).
         out_dim: channels of the projected feature map and of each mask embedding (256).
         map_size: side of the square feature map the masks are pooled on (256).
+        pos_interpolation: ``"hub"`` (torch.hub DINOv2's position-embedding resampling,
+            the authors') or ``"transformers"`` (see the module docstring).
     """
 
     pixel_mean: torch.Tensor
     pixel_std: torch.Tensor
 
-    def __init__(self, backbone: nn.Module, input_size: int = 896, out_dim: int = 256, map_size: int = 256):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        input_size: int = 896,
+        out_dim: int = 256,
+        map_size: int = 256,
+        pos_interpolation: str = "hub",
+    ):
         super().__init__()
+        if pos_interpolation not in POS_INTERPOLATIONS:
+            raise ValueError(
+                f"pos_interpolation must be one of {list(POS_INTERPOLATIONS)}, got {pos_interpolation!r}"
+            )
         config = getattr(backbone, "config", None)
         if config is None or getattr(config, "model_type", None) not in _SUPPORTED_MODEL_TYPES:
             raise TypeError(
@@ -99,6 +158,16 @@ class MaskEmbedder(nn.Module):
         self.hidden_size = int(config.hidden_size)
         self.out_dim = int(out_dim)
         self.map_size = int(map_size)
+        self.pos_interpolation = pos_interpolation
+        if pos_interpolation == "hub":
+            embeddings = getattr(backbone, "embeddings", None)
+            table = getattr(embeddings, "position_embeddings", None)
+            if not isinstance(table, nn.Parameter):
+                raise TypeError("backbone has no embeddings.position_embeddings parameter to resample")
+            with torch.no_grad():
+                resampled = hub_position_embeddings(table.detach(), self.grid_size)
+            # The input is always input_size² (padded), so transformers uses this table as is.
+            embeddings.position_embeddings = nn.Parameter(resampled, requires_grad=False)  # type: ignore[union-attr]
         # The only trainable part; float32 whatever the backbone's dtype.
         self.proj = nn.Conv2d(self.hidden_size, self.out_dim, kernel_size=1)
         self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(3, 1, 1), persistent=False)
@@ -115,6 +184,7 @@ class MaskEmbedder(nn.Module):
         input_size: int = 896,
         out_dim: int = 256,
         map_size: int = 256,
+        pos_interpolation: str = "hub",
     ) -> MaskEmbedder:
         """Load DINOv2 from a local directory or a hub id and wrap it.
 
@@ -123,7 +193,7 @@ class MaskEmbedder(nn.Module):
                 ``facebook/dinov2-large``.
             device: where the backbone and the projection live.
             dtype: backbone dtype (the projection and everything after it stay float32).
-            input_size, out_dim, map_size: see :class:`MaskEmbedder`.
+            input_size, out_dim, map_size, pos_interpolation: see :class:`MaskEmbedder`.
 
         Returns:
             The embedder in eval mode; ``proj`` is freshly initialised (load trained
@@ -162,7 +232,13 @@ class MaskEmbedder(nn.Module):
                 f"cannot load DINOv2 {model!r}: {str(exc).rstrip('.')}. Download it first with "
                 f"`hf download {model} --local-dir <dir>` and pass that directory"
             ) from exc
-        embedder = cls(backbone, input_size=input_size, out_dim=out_dim, map_size=map_size)
+        embedder = cls(
+            backbone,
+            input_size=input_size,
+            out_dim=out_dim,
+            map_size=map_size,
+            pos_interpolation=pos_interpolation,
+        )
         embedder.to(device)
         embedder.backbone.to(dtype=dtype)
         return embedder.eval()
@@ -306,4 +382,7 @@ class MaskEmbedder(nn.Module):
         return self.pool(self.project(self.backbone_features(image)), masks)
 
     def extra_repr(self) -> str:
-        return f"input_size={self.input_size}, grid={self.grid_size}, out_dim={self.out_dim}, map_size={self.map_size}"
+        return (
+            f"input_size={self.input_size}, grid={self.grid_size}, out_dim={self.out_dim}, "
+            f"map_size={self.map_size}, pos_interpolation={self.pos_interpolation!r}"
+        )

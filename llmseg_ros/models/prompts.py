@@ -7,7 +7,9 @@ Inference uses one fixed template per query kind:
 * a phrase (a name or a referring expression):
   ``"What is {phrase} in this image? Please output segmentation mask."``
 
-and the teacher-forced answer :data:`DEFAULT_ANSWER` (``"It is <SEG>."``). Training draws a
+and the teacher-forced answer :data:`DEFAULT_ANSWER` (``"It is <SEG>."``); weights trained by
+the LLM-Seg / LISA authors are queried with their own wording instead (``style="authors"``:
+the instruction verbatim, answer ``"[SEG]."``, see ``llmseg_ros.config.AUTHORS_PROMPT``). Training draws a
 question and an answer template at random (LISA's lists) with a caller-given
 ``random.Random`` so data generation is reproducible.
 
@@ -107,20 +109,29 @@ def _as_phrase(text: str) -> str:
     return text.rstrip(" .!?")
 
 
-def format_instruction(instruction: str, is_sentence: bool | None = None) -> str:
+def format_instruction(instruction: str, is_sentence: bool | None = None, *, style: str = "ours") -> str:
     """The user-turn text for an instruction at inference time.
 
     Args:
-        instruction: the user's instruction; whitespace is normalised.
+        instruction: the user's instruction.
         is_sentence: True → sentence template, False → phrase template, None → decided
             by :func:`is_sentence`.
+        style: ``"ours"``: whitespace normalised, terminal punctuation added to a sentence
+            and stripped from a phrase; ``"authors"``: the instruction stripped of leading
+            and trailing whitespace and used verbatim, as the LLM-Seg / LISA validation
+            code does (``text.strip()`` into the same two templates).
 
     Returns:
         ``"{sentence} Please output segmentation mask."`` or
         ``"What is {phrase} in this image? Please output segmentation mask."``.
     """
+    if style not in ("ours", "authors"):
+        raise ValueError(f"style must be 'ours' or 'authors', got {style!r}")
     cleaned = _clean(instruction, "instruction")
     sentence = _looks_like_sentence(cleaned) if is_sentence is None else bool(is_sentence)
+    if style == "authors":
+        text = instruction.strip()
+        return SENTENCE_TEMPLATE.format(sentence=text) if sentence else PHRASE_TEMPLATE.format(phrase=text)
     if sentence:
         return SENTENCE_TEMPLATE.format(sentence=_as_sentence(cleaned))
     phrase = _as_phrase(cleaned)

@@ -94,15 +94,73 @@ def check_image(image: Any) -> np.ndarray:
     return image
 
 
-def downscale_long_side(image: np.ndarray, max_long_side: int) -> np.ndarray:
-    """Shrink ``image`` with ``cv2.INTER_AREA`` so that its long side is at most
-    ``max_long_side`` (rounded like SAM's ``ResizeLongestSide``); smaller images are
-    returned unchanged (not copied)."""
-    height, width = image.shape[:2]
+DOWNSCALE_ROUNDINGS = ("round", "truncate")
+
+
+def downscaled_shape(height: int, width: int, max_long_side: int, rounding: str = "round") -> tuple[int, int]:
+    """(h, w) of an (height, width) image shrunk so its long side is at most ``max_long_side``.
+
+    ``rounding``: ``"round"`` rounds the scaled sides like SAM's ``ResizeLongestSide``
+    (``int(x * s + 0.5)``); ``"truncate"`` truncates them as the LLM-Seg authors'
+    preprocessing did (``int(x * (max_long_side / long_side))``, which can make the long
+    side one pixel shorter than ``max_long_side``). Images that already fit are unchanged.
+    """
+    if rounding not in DOWNSCALE_ROUNDINGS:
+        raise ValueError(f"rounding must be one of {list(DOWNSCALE_ROUNDINGS)}, got {rounding!r}")
     if max(height, width) <= max_long_side:
+        return height, width
+    if rounding == "round":
+        new_h, new_w = ResizeLongestSide.get_preprocess_shape(height, width, max_long_side)
+        return int(new_h), int(new_w)
+    scale = float(max_long_side) / max(height, width)
+    return int(height * scale), int(width * scale)
+
+
+def downscale_long_side(image: np.ndarray, max_long_side: int, rounding: str = "round") -> np.ndarray:
+    """Shrink ``image`` with ``cv2.INTER_AREA`` so that its long side is at most
+    ``max_long_side`` (sides rounded or truncated, see :func:`downscaled_shape`); smaller
+    images are returned unchanged (not copied)."""
+    height, width = image.shape[:2]
+    new_h, new_w = downscaled_shape(height, width, max_long_side, rounding)
+    if (new_h, new_w) == (height, width):
         return image
-    new_h, new_w = ResizeLongestSide.get_preprocess_shape(height, width, max_long_side)
     return cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_AREA)
+
+
+def nearest_sources(size: int, source_size: int) -> np.ndarray:
+    """For each of ``source_size`` pixels along one axis, a pixel of a ``size``-long
+    ``cv2.INTER_NEAREST`` upscaling that copied it (``size >= source_size``).
+
+    ``cv2.resize`` itself maps an index ramp, so the answer is exact for its rounding.
+    """
+    if size < source_size or source_size < 1:
+        raise ValueError(f"size must be >= source_size >= 1, got {size} and {source_size}")
+    ramp = np.arange(source_size, dtype=np.int32)[None, :]  # (1, source_size)
+    mapped = cv2.resize(ramp, (size, 1), interpolation=cv2.INTER_NEAREST)[0]  # (size,) source index per pixel
+    first = np.full(source_size, -1, dtype=np.int64)
+    positions = np.arange(size - 1, -1, -1)
+    first[mapped[::-1]] = positions  # the last write is the first position
+    if (first < 0).any():
+        raise RuntimeError(f"cv2 nearest upscaling {source_size} → {size} skipped a source pixel")
+    return first
+
+
+def masks_at_sam_resolution(masks: np.ndarray, sam_hw: tuple[int, int]) -> np.ndarray:
+    """The proposals as SAM produced them, before :func:`resize_masks_nearest` upscaled them.
+
+    Args:
+        masks: (K, H, W) bool, the proposals at the input resolution.
+        sam_hw: (h, w) of SAM's (downscaled) input, h <= H and w <= W.
+    Returns:
+        (K, h, w) bool, exactly SAM's masks (nearest upscaling copies every source pixel
+        at least once, so one copy of each is picked); ``masks`` itself when the sizes match.
+    """
+    _, height, width = masks.shape
+    h, w = int(sam_hw[0]), int(sam_hw[1])
+    if (h, w) == (height, width):
+        return masks
+    rows, cols = nearest_sources(height, h), nearest_sources(width, w)
+    return np.ascontiguousarray(masks[:, rows][:, :, cols])
 
 
 def resize_masks_nearest(masks: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -159,6 +217,8 @@ class ProposalGenerator:
             image encoder under CUDA autocast (fast path, CUDA only; masks then differ
             slightly from the reference).
         compile_encoder: ``torch.compile`` the image encoder (fast path, CUDA only).
+        downscale_rounding: ``"round"`` (SAM's rounding) or ``"truncate"`` (the LLM-Seg
+            authors' preprocessing) of the downscaled size, see :func:`downscaled_shape`.
 
     After each ``generate`` call, ``last_timings`` holds seconds per stage
     (``resize``, ``image_encoder``, ``mask_decoder``, ``postprocess``, ``total``, and
@@ -182,7 +242,13 @@ class ProposalGenerator:
         *,
         encoder_dtype: str | None = None,
         compile_encoder: bool = False,
+        downscale_rounding: str = "round",
     ) -> None:
+        if downscale_rounding not in DOWNSCALE_ROUNDINGS:
+            raise ValueError(
+                f"downscale_rounding must be one of {list(DOWNSCALE_ROUNDINGS)}, got {downscale_rounding!r}"
+            )
+        self.downscale_rounding = downscale_rounding
         self.config = ProposalConfig(
             points_per_side=points_per_side,
             points_per_batch=points_per_batch,
@@ -257,6 +323,10 @@ class ProposalGenerator:
     def implementation(self) -> str:
         return self.config.implementation
 
+    def sam_input_shape(self, height: int, width: int) -> tuple[int, int]:
+        """(h, w) of the downscaled image SAM sees for an (height, width) frame."""
+        return downscaled_shape(height, width, self.config.max_long_side, self.downscale_rounding)
+
     # -- public API -------------------------------------------------------------------
     def generate(self, image: np.ndarray) -> Proposals:
         """Mask proposals for one RGB frame.
@@ -273,7 +343,7 @@ class ProposalGenerator:
         """
         check_image(image)
         start = time.perf_counter()
-        small = downscale_long_side(image, self.config.max_long_side)
+        small = downscale_long_side(image, self.config.max_long_side, self.downscale_rounding)
         timings = {"resize": time.perf_counter() - start}
         if self._reference is not None:
             selected = self._generate_reference(small)

@@ -139,7 +139,9 @@ def _tiny_image_size(state_dict: dict[str, torch.Tensor], path: Path) -> int:
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    from llmseg_ros.weights.torch_files import read_torch_file
+
+    state = read_torch_file(path)  # ValueError for damaged files and pickled code, never runs it
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
     if not isinstance(state, dict):

@@ -17,7 +17,7 @@ import torch
 from llmseg_ros.config import METHODS, ProposalConfig, SegmenterConfig
 from llmseg_ros.utils.atomic import atomic_directory
 
-TINY_PROFILE_VERSION = 2
+TINY_PROFILE_VERSION = 3
 MARKER = "tiny_profile.json"
 TINY_BANNER = (
     "*** TINY PROFILE: tiny RANDOM models stand in for SAM, DINOv2 and the VLM. ***\n"
@@ -78,7 +78,13 @@ def _build_trained_weights(directory: Path, seed: int) -> None:
     embedder = MaskEmbedder.load(str(dinov2_dir), device=cpu, dtype=torch.float32, input_size=TINY_EMBED_SIZE)
     save_weights(
         directory / "weights",
-        WeightsManifest(method="llmseg", dinov2=str(dinov2_dir), embed_size=TINY_EMBED_SIZE, **common),
+        WeightsManifest(
+            method="llmseg",
+            dinov2=str(dinov2_dir),
+            embed_size=TINY_EMBED_SIZE,
+            dinov2_pos_interpolation=embedder.pos_interpolation,
+            **common,
+        ),
         {
             "projection": TextProjection(vlm.hidden_size),
             "selector": ProposalSelector(),

@@ -332,8 +332,13 @@ class Trainer:
                 "dinov2": config.dinov2,
                 "embed_size": config.embed_size,
                 "sam_model_type": config.sam_model_type,
+                # how the weights are queried: the prompt format they were trained with
+                "prompt": module.seg_vlm.prompt,
                 **module.manifest_fields(),
             }
+            embedder = getattr(module, "embedder", None)
+            if embedder is not None:  # the DINOv2 position embeddings the heads were trained on
+                fields["dinov2_pos_interpolation"] = embedder.pos_interpolation
             manifest = WeightsManifest(
                 method=module.method,
                 base_vlm=config.vlm,

@@ -9,12 +9,19 @@ from llmseg_ros.models.vlm.prefix import PrefixCache, VLMPrefix
 
 
 class GreedyGenerator:
-    """Greedy decoding through a :class:`PrefixCache`, stopping at any of ``eos_ids``."""
+    """Greedy decoding through a :class:`PrefixCache`, stopping at any of ``eos_ids``.
 
-    def __init__(self, cache: PrefixCache, seg_token_id: int, eos_ids: set[int]) -> None:
+    ``suppressed_ids`` are never generated (the image placeholder: its embedding row is
+    never trained, the image features take its place).
+    """
+
+    def __init__(
+        self, cache: PrefixCache, seg_token_id: int, eos_ids: set[int], suppressed_ids: set[int] | None = None
+    ) -> None:
         self.cache = cache
         self.seg_token_id = seg_token_id
         self.eos_ids = eos_ids
+        self.suppressed_ids = sorted(suppressed_ids or ())
 
     def __call__(
         self,
@@ -36,7 +43,10 @@ class GreedyGenerator:
         generated: list[int] = []
         seg_state: torch.Tensor | None = None
         for step in range(max_new_tokens):
-            next_id = int(runner.lm_head(last).argmax(-1)[0])
+            logits = runner.lm_head(last)  # (1, vocab)
+            if self.suppressed_ids:
+                logits[:, self.suppressed_ids] = float("-inf")
+            next_id = int(logits.argmax(-1)[0])
             if next_id in self.eos_ids:
                 break
             if next_id == self.seg_token_id and seg_state is None:

@@ -96,14 +96,25 @@ def resolve_source(model: str | Path) -> str:
 
 
 def load_llava(
-    source: str, *, device: torch.device, dtype: torch.dtype, quant_config: Any = None
+    source: str,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    quant_config: Any = None,
+    image_backend: str | None = None,
 ) -> tuple[Any, Any]:
-    """``LlavaForConditionalGeneration`` and its processor from ``source`` (checked to be LLaVA)."""
+    """``LlavaForConditionalGeneration`` and its processor from ``source`` (checked to be LLaVA).
+
+    ``image_backend``: ``"pil"`` loads the image processor that resizes with PIL, as
+    transformers' CLIP image processor did when the LLM-Seg / LISA authors trained (the
+    default, torchvision-based one differs slightly); ``None`` = transformers' default.
+    """
     from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
 
+    kwargs_processor: dict[str, Any] = {} if image_backend is None else {"backend": image_backend}
     try:
         config = AutoConfig.from_pretrained(source)
-        processor = AutoProcessor.from_pretrained(source)
+        processor = AutoProcessor.from_pretrained(source, **kwargs_processor)
     except OSError as exc:
         raise FileNotFoundError(
             f"could not load the VLM {source!r} from the Hugging Face hub or its local cache "
@@ -128,15 +139,19 @@ def load_llava(
     return llava, processor
 
 
-def add_seg_token(llava: Any, tokenizer: Any) -> int:
-    """Add ``<SEG>`` (if absent) as one special token; grow / initialise its embedding rows."""
+def add_seg_token(llava: Any, tokenizer: Any, seg_token: str = SEG_TOKEN) -> int:
+    """Add ``seg_token`` (if absent) as one special token; grow / initialise its embedding rows.
+
+    Imported checkpoints already hold theirs (``[SEG]``, a trained row); its id is read
+    back from the vocabulary, never from a re-tokenisation.
+    """
     vocab_before = len(tokenizer)
-    if SEG_TOKEN not in tokenizer.get_vocab():
-        tokenizer.add_tokens([SEG_TOKEN], special_tokens=True)
-    seg_id = int(tokenizer.convert_tokens_to_ids(SEG_TOKEN))
-    encoded = tokenizer.encode(SEG_TOKEN, add_special_tokens=False)
+    if seg_token not in tokenizer.get_vocab():
+        tokenizer.add_tokens([seg_token], special_tokens=True)
+    seg_id = int(tokenizer.convert_tokens_to_ids(seg_token))
+    encoded = tokenizer.encode(seg_token, add_special_tokens=False)
     if encoded != [seg_id]:
-        raise RuntimeError(f"{SEG_TOKEN} must tokenize to the single id {seg_id}, got {encoded}")
+        raise RuntimeError(f"{seg_token} must tokenize to the single id {seg_id}, got {encoded}")
     added = len(tokenizer) > vocab_before
     rows = llava.get_input_embeddings().weight.shape[0]
     if seg_id >= rows:

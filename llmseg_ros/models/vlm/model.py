@@ -23,9 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from llmseg_ros.config import LoraSettings
-from llmseg_ros.models.prompts import DEFAULT_ANSWER, SEG_TOKEN
-from llmseg_ros.models.vlm.conversation import ConversationFormat, check_image
+from llmseg_ros.config import LoraSettings, PromptFormat
+from llmseg_ros.models.vlm.conversation import PromptAnswer, check_image, conversation_format
 from llmseg_ros.models.vlm.generation import GreedyGenerator
 from llmseg_ros.models.vlm.loading import (
     DEFAULT_VLM,
@@ -65,6 +64,8 @@ class SegVLM:
         seg_token_id: id of the added ``<SEG>`` token.
         hidden_size: width of the language model's hidden states.
         device, dtype: where the model runs and its compute dtype.
+        prompt: how instructions are worded and which answer is teacher-forced (the
+            weights' :class:`~llmseg_ros.config.PromptFormat`).
     """
 
     def __init__(
@@ -76,6 +77,7 @@ class SegVLM:
         device: torch.device,
         dtype: torch.dtype,
         source: str,
+        prompt: PromptFormat | None = None,
     ) -> None:
         self.model: Any = model
         self.processor: Any = processor
@@ -90,11 +92,16 @@ class SegVLM:
         self.hidden_size = int(config.text_config.hidden_size)
         self.image_token_id = int(config.image_token_id)
         self.image_token: str = processor.image_token
-        self.conversation = ConversationFormat(processor, device=device, dtype=dtype)
+        self.prompt = prompt if prompt is not None else PromptFormat()
+        self.conversation = conversation_format(processor, device=device, dtype=dtype, prompt=self.prompt)
         runner = LlavaRunner(base, device)
         self.prefix_cache = PrefixCache(self.conversation, runner, owner_id=id(self))
         self._query = SegQuery(self.prefix_cache, self.seg_token_id)
-        self._generate = GreedyGenerator(self.prefix_cache, self.seg_token_id, _eos_ids(base, self.tokenizer))
+        rows = int(base.get_output_embeddings().weight.shape[0])
+        suppressed = {self.image_token_id} if self.image_token_id < rows else set()
+        self._generate = GreedyGenerator(
+            self.prefix_cache, self.seg_token_id, _eos_ids(base, self.tokenizer), suppressed
+        )
         self._training = TrainingPass(self.conversation, runner, self.seg_token_id)
 
     # -- loading ---------------------------------------------------------------------
@@ -109,6 +116,7 @@ class SegVLM:
         lora: LoraSettings | None = None,
         trainable: bool = False,
         quantization: str | None = None,
+        prompt: PromptFormat | None = None,
     ) -> SegVLM:
         """Load a LLaVA checkpoint (local directory or hub id) and prepare ``<SEG>``.
 
@@ -126,6 +134,10 @@ class SegVLM:
                 Otherwise every weight is frozen and the model is in eval mode.
             quantization: ``None``, ``"8bit"`` or ``"4bit"`` (bitsandbytes, CUDA only);
                 the vision tower, projector and LM head stay unquantised.
+            prompt: the weights' prompt format (default: ours, LLaVA-1.5 with ``<SEG>``);
+                its segmentation token is added to the vocabulary when absent. The
+                ``llava_v1`` format (imported authors' checkpoints) also loads the PIL
+                image processor the authors' transformers version used.
 
         Raises:
             FileNotFoundError: the model or adapter could not be found (the message says
@@ -138,11 +150,22 @@ class SegVLM:
             raise TypeError(f"dtype must be a torch.dtype, got {type(dtype).__name__}")
         if lora is not None and not isinstance(lora, LoraSettings):
             raise TypeError(f"lora must be a LoraSettings, got {type(lora).__name__}")
+        prompt = prompt if prompt is not None else PromptFormat()
+        if not isinstance(prompt, PromptFormat):
+            raise TypeError(f"prompt must be a PromptFormat, got {type(prompt).__name__}")
+        if trainable and prompt.conversation != "llava15":
+            raise ValueError(
+                f"training uses the llava15 conversation format; got {prompt.conversation!r} "
+                "(imported authors' checkpoints are for inference)"
+            )
         quant_config = None if quantization is None else quantization_config(quantization, device, dtype)
         adapter_path = check_adapter_dir(adapter_dir)
         source = resolve_source(model)
-        llava, processor = load_llava(source, device=device, dtype=dtype, quant_config=quant_config)
-        seg_token_id = add_seg_token(llava, processor.tokenizer)
+        backend = "pil" if prompt.conversation == "llava_v1" else None
+        llava, processor = load_llava(
+            source, device=device, dtype=dtype, quant_config=quant_config, image_backend=backend
+        )
+        seg_token_id = add_seg_token(llava, processor.tokenizer, prompt.seg_token)
 
         net: Any = llava
         if adapter_path is not None:
@@ -153,7 +176,15 @@ class SegVLM:
             for param in llava.parameters():
                 param.requires_grad_(False)
         net.train(trainable)
-        return cls(net, processor, seg_token_id=seg_token_id, device=device, dtype=dtype, source=source)
+        return cls(
+            net,
+            processor,
+            seg_token_id=seg_token_id,
+            device=device,
+            dtype=dtype,
+            source=source,
+            prompt=prompt,
+        )
 
     def save_adapter(self, directory: str | Path) -> None:
         """Write the peft adapter (LoRA + embeddings + LM head) and its metadata atomically.
@@ -163,7 +194,7 @@ class SegVLM:
         the exact weights.
         """
         meta = {
-            "seg_token": SEG_TOKEN,
+            "seg_token": self.prompt.seg_token,
             "seg_token_id": self.seg_token_id,
             "vocab_rows": int(self._llava.get_input_embeddings().weight.shape[0]),
             "hidden_size": self.hidden_size,
@@ -177,12 +208,14 @@ class SegVLM:
         instruction: str,
         *,
         is_sentence: bool | None = None,
-        answer: str | None = DEFAULT_ANSWER,
+        answer: str | PromptAnswer | None = PromptAnswer.DEFAULT,
         history: list[tuple[str, str]] | None = None,
     ) -> str:
         """The full conversation text, with the (unexpanded) image placeholder.
 
-        See :meth:`llmseg_ros.models.vlm.conversation.ConversationFormat.build`.
+        ``answer`` defaults to the prompt format's teacher-forced answer; ``None`` ends the
+        text at the generation prompt. See
+        :meth:`llmseg_ros.models.vlm.conversation.ConversationFormat.build`.
         """
         return self.conversation.build(instruction, is_sentence=is_sentence, answer=answer, history=history)
 
@@ -213,7 +246,7 @@ class SegVLM:
         *,
         is_sentence: bool | None = None,
         history: list[tuple[str, str]] | None = None,
-        answer: str = DEFAULT_ANSWER,
+        answer: str | None = None,
     ) -> torch.Tensor:
         """The ``<SEG>`` query of one instruction: one teacher-forced pass, no generation.
 
@@ -223,7 +256,9 @@ class SegVLM:
             instruction: the user's instruction (templated, see :meth:`build_conversation`).
             is_sentence: template choice; ``None`` = guessed.
             history: earlier (instruction, answer) turns, oldest first.
-            answer: the teacher-forced answer; must contain ``<SEG>`` exactly once.
+            answer: the teacher-forced answer; must contain the segmentation token exactly
+                once; ``None`` = the prompt format's answer (``"It is <SEG>."`` for our
+                weights, ``"[SEG]."`` for the authors').
 
         Returns:
             (hidden_size,) float32 on the model's device: the last-layer hidden state at

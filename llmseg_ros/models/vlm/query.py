@@ -10,7 +10,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from llmseg_ros.models.prompts import DEFAULT_ANSWER, SEG_TOKEN
 from llmseg_ros.models.vlm.prefix import PrefixCache, VLMPrefix
 
 
@@ -28,18 +27,22 @@ class SegQuery:
         *,
         is_sentence: bool | None = None,
         history: list[tuple[str, str]] | None = None,
-        answer: str = DEFAULT_ANSWER,
+        answer: str | None = None,
     ) -> torch.Tensor:
         """(hidden_size,) float32 query; see :meth:`llmseg_ros.models.vlm.SegVLM.seg_hidden`."""
-        if not isinstance(answer, str) or answer.count(SEG_TOKEN) != 1:
-            raise ValueError(f"answer must contain {SEG_TOKEN} exactly once, got {answer!r}")
-        text = self.cache.fmt.build(instruction, is_sentence=is_sentence, answer=answer, history=history)
+        fmt = self.cache.fmt
+        seg_token = fmt.seg_token
+        if answer is None:
+            answer = fmt.prompt.answer
+        if not isinstance(answer, str) or answer.count(seg_token) != 1:
+            raise ValueError(f"answer must contain {seg_token} exactly once, got {answer!r}")
+        text = fmt.build(instruction, is_sentence=is_sentence, answer=answer, history=history)
         inputs = self.cache.inputs(image_or_prefix, text)
         ids = inputs.ids
         seg_pos = len(ids) - 1 - ids[::-1].index(self.seg_token_id)  # the answer's <SEG> is the last one
         if seg_pos - 1 < inputs.start:
             raise RuntimeError(
-                f"{SEG_TOKEN} at position {seg_pos} lies inside the cached prefix ({inputs.start} tokens)"
+                f"{seg_token} at position {seg_pos} lies inside the cached prefix ({inputs.start} tokens)"
             )
         # Tokens from <SEG> on cannot influence the state that predicts it (causal attention).
         hidden, _ = self.cache.run(inputs, ids[:seg_pos], use_cache=False)

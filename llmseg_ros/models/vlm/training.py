@@ -6,7 +6,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from llmseg_ros.models.prompts import SEG_TOKEN
 from llmseg_ros.models.vlm.conversation import ConversationFormat, check_image
 from llmseg_ros.models.vlm.prefix import LlavaRunner
 
@@ -28,8 +27,8 @@ class TrainingPass:
         user_text, answer = pair[0].strip(), pair[1].strip()
         if not user_text or not answer:
             raise ValueError(f"conversations[{i}] has an empty user text or answer: {pair!r}")
-        if SEG_TOKEN in user_text:
-            raise ValueError(f"conversations[{i}]: the user text must not contain {SEG_TOKEN}")
+        if self.fmt.seg_token in user_text:
+            raise ValueError(f"conversations[{i}]: the user text must not contain {self.fmt.seg_token}")
         eos_id = self.fmt.tokenizer.eos_token_id
         pixel_values, _, image_text = self.fmt.image_inputs(check_image(image))
         prompt = self.fmt.render([], user_text, None)
