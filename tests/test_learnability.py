@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from training_setup import CachedProposals, method_from_weights
 
 from llmseg_ros.config import LoraSettings
 from llmseg_ros.data.jsonl import JsonlDataset, read_jsonl_records
@@ -38,9 +39,8 @@ from llmseg_ros.methods.llmseg import LLMSegMethod
 from llmseg_ros.training.cache import ProposalCache
 from llmseg_ros.training.config import DataSource, TrainConfig
 from llmseg_ros.training.modules import build_tiny_models
-from llmseg_ros.training.oracle import OracleProposals, pixel_key
+from llmseg_ros.training.oracle import OracleProposals
 from llmseg_ros.training.precompute import precompute_cache
-from llmseg_ros.types import Proposals
 
 TASK = SyntheticConfig(image_size=112, min_objects=2, max_objects=3, families=("colour",), sentence_prob=0.0)
 TRAIN_SCENES, VAL_SCENES = 160, 48
@@ -48,55 +48,11 @@ EMBED_SIZE = 112
 STEPS = 700
 
 
-class CachedProposals:
-    """A proposal "generator" for the inference method: the cached proposals of known images."""
-
-    def __init__(self, cache: ProposalCache, samples: list[Sample]) -> None:
-        self._by_pixels = {}
-        for sample in samples:
-            assert sample.image_path is not None
-            self._by_pixels[pixel_key(sample.image)] = cache.lookup(
-                sample.image_path, with_features=False
-            ).proposals
-
-    def generate(self, image: np.ndarray) -> Proposals:
-        return self._by_pixels[pixel_key(image)]
-
-
 def giou(samples: list[Sample], predict: Callable[[Sample], np.ndarray]) -> float:
     from llmseg_ros.evaluation.report import evaluate_samples
 
     summary, _ = evaluate_samples(samples, predict)
     return float(summary["giou"])
-
-
-def method_from_weights(
-    weights_dir: Path, models: dict[str, str], generator: CachedProposals
-) -> LLMSegMethod:
-    """The inference method (LLMSegMethod) on exported weights, as the pipeline builds it."""
-    from llmseg_ros.config import SegmenterConfig
-    from llmseg_ros.models.components import Components
-    from llmseg_ros.models.heads import TextProjection
-    from llmseg_ros.models.selector import ProposalSelector
-
-    components = Components(
-        SegmenterConfig(
-            sam_checkpoint=models["sam_checkpoint"],
-            sam_model_type="tiny",
-            dinov2=models["dinov2"],
-            vlm=models["vlm"],
-            weights_dir=str(weights_dir),
-            device="cpu",
-            dtype="float32",
-            embed_size=EMBED_SIZE,
-        )
-    )
-    weights = components.trained_weights()
-    projection = TextProjection(weights.manifest.hidden_size)
-    projection.load_state_dict(weights.state_dicts["projection"])
-    selector = ProposalSelector()
-    selector.load_state_dict(weights.state_dicts["selector"])
-    return LLMSegMethod(generator, components.mask_embedder(), components.seg_vlm(), projection, selector)  # type: ignore[arg-type]
 
 
 @pytest.mark.slow
@@ -174,8 +130,8 @@ def test_training_learns_the_synthetic_task(tmp_path: Path) -> None:
         return predict
 
     largest = giou(val, lambda s: generator.generate(s.image).masks[0])
-    untrained = giou(val, predictor(method_from_weights(untrained_dir, models, generator)))
-    trained = giou(val, predictor(method_from_weights(result.weights_dir, models, generator)))
+    untrained = giou(val, predictor(method_from_weights(untrained_dir, models, generator, EMBED_SIZE)))
+    trained = giou(val, predictor(method_from_weights(result.weights_dir, models, generator, EMBED_SIZE)))
     history = [(h["step"], round(h["iou"], 3), round(h["iop"], 4)) for h in result.history]
     message = (
         f"gIoU trained {trained:.3f}, untrained {untrained:.3f}, largest {largest:.3f}; losses {history}"
