@@ -47,6 +47,7 @@ def find_checkpoint(root: Path) -> tuple[Any, list[str]]:
 
     return find(root)
 
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -347,6 +348,26 @@ def test_a_weights_export_failing_at_any_step_leaves_a_complete_one(tmp_path: Pa
             break
         call += 1
     assert call > 5
+
+
+def test_an_export_killed_mid_swap_is_repaired_by_the_next_write(tmp_path: Path) -> None:
+    """A process killed between moving the old weights aside and renaming the new ones in."""
+    from llmseg_ros.utils.atomic import atomic_directory
+    from llmseg_ros.weights.directory import WeightsNotFoundError, load_weights
+
+    directory = tmp_path / "weights"
+    with atomic_directory(directory) as tmp:
+        (tmp / "version").write_text("1")
+    os.replace(directory, tmp_path / ".weights.old")  # the state such a kill leaves
+    with pytest.raises(WeightsNotFoundError, match="weights"):
+        load_weights(directory)  # a reader refuses clearly meanwhile
+    with pytest.raises(RuntimeError), atomic_directory(directory):
+        raise RuntimeError("the next export fails too")
+    assert (directory / "version").read_text() == "1"  # the previous version is back
+    with atomic_directory(directory) as tmp:
+        (tmp / "version").write_text("2")
+    assert (directory / "version").read_text() == "2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["weights"]
 
 
 def test_a_torn_last_metrics_line_is_dropped_at_any_byte(

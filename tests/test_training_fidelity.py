@@ -64,9 +64,12 @@ def test_reproduction_configs_use_the_released_data_lists_and_settings(name: str
     assert config.val_source is not None and config.val_every == 500
     assert (config.val_source.kind, config.val_source.split) == ("reasonseg", "val")
     assert config.val_selection.strategy == "iop_threshold" and config.val_selection.iop_threshold == 0.5
+    # LLM-Seg's validate_threshold scores masks resized to 1024 x 1024; LISA's validate does not
+    assert config.val_metric == ("giou_1024" if config.method == "llmseg" else "giou")
     finetune = TrainConfig.from_file(REPO / "training/configs/llmseg40k_finetune.yaml")
     assert [s.draw for s in finetune.sources] == ["question"]  # one pair per draw, as finetune_llmseg.py
     assert finetune.val_source is not None and finetune.val_source.kind == "llmseg40k"
+    assert finetune.val_metric == "giou_1024"
 
 
 def test_config_validation_of_the_new_fields() -> None:
@@ -300,7 +303,11 @@ def _seg_rows(modules) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         embedding.original_module.weight[vlm.seg_token_id], trainable_embedding[vlm.seg_token_id]
     )
     assert torch.equal(head.original_module.weight[vlm.seg_token_id], trainable_head[vlm.seg_token_id])
-    return trainable_embedding[vlm.seg_token_id], trainable_head[vlm.seg_token_id], trainable_embedding
+    return (
+        trainable_embedding[vlm.seg_token_id].detach(),
+        trainable_head[vlm.seg_token_id].detach(),
+        trainable_embedding.detach(),
+    )
 
 
 def test_seg_rows_start_as_the_authors_resize_drew_them(trainer: Trainer, setup: dict[str, object]) -> None:
@@ -370,6 +377,7 @@ def test_validation_keeps_the_best_and_the_last_weights(setup: dict[str, object]
     best_weights = load_weights(result.best_weights_dir)
     assert best_weights.manifest.extra["steps"] == result.best_step
     assert best_weights.manifest.extra["validation"]["giou"] == result.best_score
+    assert "seconds_per_query" not in best_weights.manifest.extra["validation"]  # reproducible export
     assert load_weights(result.weights_dir).manifest.extra["steps"] == 4
 
     # the recorded score is what the exported best weights get through the inference method
@@ -427,6 +435,14 @@ def test_validator_scores_the_live_modules_with_the_evaluator(
     assert modules.training and torch.equal(torch.rand(3), expected_next)  # no RNG drawn
     assert summary["n"] == len(records) == 4
     assert summary["giou"] == pytest.approx(np.mean([r.iou for r in records]))
+    # LLM-Seg's selection score: per-sample IoU of masks nearest-resized to 1024 x 1024
+    rescored = [
+        1.0
+        if r.metrics.normalized_union == 0
+        else r.metrics.normalized_intersection / (r.metrics.normalized_union + 1e-5)
+        for r in records
+    ]
+    assert summary["giou_1024"] == pytest.approx(float(np.mean(rescored)))
     halves = [Validator(val, limit=4, rank=r, world_size=2) for r in range(2)]
     shards = [h.run(modules)[1] for h in halves]
     assert sorted(r.sample_id for s in shards for r in s) == sorted(r.sample_id for r in records)

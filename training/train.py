@@ -18,7 +18,7 @@ The same script runs on one CPU, one GPU or many GPUs::
 Killed runs continue from their newest intact checkpoint when started again with the same
 command. The weights land in ``OUTPUT_DIR/weights`` (load them with ``--weights`` in the
 CLI, ``weights_dir`` in the config, or ``training/evaluate.py --weights``); with a
-``val_source`` in the config, the weights with the best validation gIoU also land in
+``val_source`` in the config, the weights with the best validation score also land in
 ``OUTPUT_DIR/weights_best``.
 """
 
@@ -121,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"stopped at step {result.step}; checkpoint {result.checkpoint} (run again to continue)")
     if result.best_weights_dir is not None:
         print(
-            f"best validation gIoU {result.best_score:.4f} at step {result.best_step}; "
+            f"best validation {config.val_metric} {result.best_score:.4f} at step {result.best_step}; "
             f"weights in {result.best_weights_dir}"
         )
     return 0

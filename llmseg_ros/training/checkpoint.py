@@ -69,7 +69,8 @@ class TrainState:
             checkpoint); the data position of the next micro-batch.
         world_size: processes of the run that wrote the checkpoint.
         fingerprint: ``TrainConfig.fingerprint()`` of that run.
-        best_score: the best validation gIoU so far (``None`` before the first validation).
+        best_score: the best validation score so far (``val_metric``; ``None`` before the
+            first validation).
         best_step: the optimizer step it was reached at (0 before the first validation).
     """
 

@@ -22,6 +22,7 @@ TEMPLATE_CHOICES = ("lisa", "inference")
 DRAW_CHOICES = ("image", "question")
 IGNORE_PIXEL_CHOICES = ("background", "exclude")
 SEG_INIT_CHOICES = ("normal", "mean")
+VAL_METRICS = ("giou", "giou_1024")
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 PROFILES = ("custom", "tiny")
 IOU_DIRECTIONS = ("pred_gt", "gt_pred")
@@ -172,9 +173,12 @@ class TrainConfig:
     optimizer steps (0 = only after the last step) and after the last step;
     ``val_limit`` — the first N samples only (``None`` = all); ``val_selection`` — the
     selection strategy scored (default: IoP > 0.5, the strategy the LLM-Seg authors
-    picked their checkpoint with). The weights with the best gIoU so far are exported
-    to ``OUTPUT_DIR/weights_best`` (strictly greater than the previous best, as the
-    authors compare), the last ones to ``OUTPUT_DIR/weights``; scores go to
+    picked their checkpoint with); ``val_metric`` — what "best" compares: ``giou`` (at
+    each image's resolution, as LISA's ``train_ds.py`` and the evaluator) or
+    ``giou_1024`` (prediction and truth nearest-resized to 1024 × 1024 first, as LLM-Seg's
+    ``validate_threshold``). The weights with the best score so far are exported to
+    ``OUTPUT_DIR/weights_best`` (strictly greater than the previous best, as the authors
+    compare), the last ones to ``OUTPUT_DIR/weights``; scores go to
     ``OUTPUT_DIR/validation.jsonl``.
 
     Run: ``output_dir`` (checkpoints, logs, final weights under ``weights/``),
@@ -225,6 +229,7 @@ class TrainConfig:
     val_every: int = 0
     val_limit: int | None = None
     val_selection: SelectionConfig = field(default_factory=SelectionConfig)
+    val_metric: str = "giou"
 
     output_dir: str = "runs/llmseg"
     checkpoint_every: int = 500
@@ -314,6 +319,7 @@ class TrainConfig:
             ("method", TRAIN_METHODS),
             ("ignore_pixels", IGNORE_PIXEL_CHOICES),
             ("seg_init", SEG_INIT_CHOICES),
+            ("val_metric", VAL_METRICS),
         )
         for name, allowed in choices:
             if getattr(self, name) not in allowed:

@@ -93,10 +93,10 @@ class TrainResult:
         checkpoint: the newest checkpoint written (``None`` if none).
         resumed_from: the checkpoint this invocation started from, if any.
         history: the logged metrics of this invocation.
-        validations: the validation records of this invocation (``step``, ``giou``,
-            ``ciou``, ``nciou``, ``n``, ``seconds_per_query``, ``best``).
+        validations: the validation records of this invocation (``step``, ``n``, ``giou``,
+            ``ciou``, ``nciou``, ``giou_1024``, ``seconds_per_query``, ``metric``, ``best``).
         best_weights_dir: ``OUTPUT_DIR/weights_best`` once a validation has run.
-        best_score / best_step: the best validation gIoU of the run so far and its step.
+        best_score / best_step: the best validation score (``val_metric``) of the run so far and its step.
     """
 
     step: int
@@ -177,11 +177,14 @@ class Trainer:
             {"params": [p for n, p in named.items() if not n.startswith(mask_side)], "lr": config.lr},
             {"params": [p for n, p in named.items() if n.startswith(mask_side)], "lr": head_lr},
         ]
+        # On CPU, torch's fused AdamW is one pass over each tensor (about 9x faster than the
+        # per-tensor default for the selector's 5M parameters); on CUDA torch picks its default.
         optimizer = torch.optim.AdamW(
             [g for g in groups if g["params"]],
             betas=config.betas,
             eps=config.eps,
             weight_decay=config.weight_decay,
+            **({"fused": True} if self.device.type == "cpu" else {}),
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: warmup_decay(s, config.warmup_steps, config.max_steps)
@@ -446,7 +449,7 @@ class Trainer:
         )
 
     def validate(self) -> dict[str, Any]:
-        """Score the modules on the validation source; export ``weights_best`` when the gIoU improves.
+        """Score the modules on the validation source; export ``weights_best`` when ``val_metric`` improves.
 
         Every process calls it (each scores its share of the samples). The record is
         appended to ``validation.jsonl`` and returned.
@@ -457,20 +460,25 @@ class Trainer:
         if self.validator is None:
             raise RuntimeError("no val_source is configured, nothing to validate on")
         summary, _ = self.validator.run(self.unwrapped())
-        giou = float(summary["giou"])
-        best = self.state.best_score is None or giou > self.state.best_score
-        record = {"step": self.state.step, **summary, "best": best}
+        score = float(summary[self.config.val_metric])
+        best = self.state.best_score is None or score > self.state.best_score
+        record = {"step": self.state.step, **summary, "metric": self.config.val_metric, "best": best}
         if best:
-            self.state.best_score, self.state.best_step = giou, self.state.step
-            self.export(self.output_dir / BEST_WEIGHTS_DIR, validation=record)
+            self.state.best_score, self.state.best_step = score, self.state.step
+            scores = {
+                k: v for k, v in record.items() if k not in ("seconds_per_query", "best")
+            }  # reproducible
+            self.export(self.output_dir / BEST_WEIGHTS_DIR, validation=scores)
         if self.is_main:
             self.validation_log.append(record)
         logger.info(
-            "validation at step %d: gIoU %.4f cIoU %.4f over %d samples%s",
+            "validation at step %d: gIoU %.4f cIoU %.4f over %d samples; %s %.4f%s",
             self.state.step,
-            giou,
+            summary["giou"],
             summary["ciou"],
             summary["n"],
+            self.config.val_metric,
+            score,
             " (best so far)"
             if best
             else f" (best {self.state.best_score:.4f} at step {self.state.best_step})",

@@ -27,6 +27,7 @@ import torch
 
 from llmseg_ros.config import SelectionConfig
 from llmseg_ros.data.sample import Sample
+from llmseg_ros.evaluation.metrics import sample_iou
 from llmseg_ros.evaluation.report import EvalRecord, evaluate_samples, summarize_records
 from llmseg_ros.training.cache import CacheSet, ProposalCache
 from llmseg_ros.training.checkpoint import restore_rng_state, rng_state
@@ -40,6 +41,20 @@ if TYPE_CHECKING:
     from llmseg_ros.methods.llmseg import LLMSegMethod
 
 Gather = Callable[[list[EvalRecord]], list[EvalRecord]]
+
+
+def giou_1024(records: Sequence[EvalRecord]) -> float:
+    """Mean per-sample IoU after nearest-resizing prediction and truth to 1024 × 1024.
+
+    What LLM-Seg's ``validate_threshold`` compares checkpoints by (it resizes both to
+    1024 × 1024 before counting); the per-sample counts are the evaluator's normalised
+    ones (:func:`~llmseg_ros.evaluation.metrics.sample_metrics`).
+    """
+    if not records:
+        raise ValueError("cannot average an empty set of samples")
+    return float(
+        np.mean([sample_iou(r.metrics.normalized_intersection, r.metrics.normalized_union) for r in records])
+    )
 
 
 class _FramesOnly:
@@ -150,8 +165,8 @@ class Validator:
         Returns:
             ``(summary, records)`` over all processes' samples:
             :func:`~llmseg_ros.evaluation.report.summarize_records` (``n``, ``giou``,
-            ``ciou``, ``nciou``, ``seconds_per_query``) and the per-sample records sorted
-            by sample id.
+            ``ciou``, ``nciou``, ``seconds_per_query``) plus :func:`giou_1024`, and the
+            per-sample records sorted by sample id.
         """
         if isinstance(modules, TrainModules):
             predict = self._llmseg_predictor(modules)
@@ -170,4 +185,4 @@ class Validator:
             modules.train(was_training)
             restore_rng_state(saved)
         everything = sorted(self.gather(records), key=lambda r: r.sample_id)
-        return summarize_records(everything), everything
+        return {**summarize_records(everything), "giou_1024": giou_1024(everything)}, everything
