@@ -62,10 +62,15 @@ def test_text_embedding_is_the_sparse_prompt(sam) -> None:
 def test_loss_values_and_ignore_pixels() -> None:
     logits = torch.tensor([[[10.0, -10.0], [10.0, 3.0]]])
     gt = torch.tensor([[[1, 0], [1, 255]]], dtype=torch.uint8)
-    out = lisa_mask_loss(logits, gt)
+    out = lisa_mask_loss(logits, gt, ignore_pixels="exclude")
     # the ignored pixel adds nothing: near-perfect prediction elsewhere
     assert out["dice"].item() < 1e-3
     assert out["bce"].item() < 1e-3
+    # LISA's released code: the 255 pixel is background, and its logit of 3 is a mistake
+    released = lisa_mask_loss(logits, gt, ignore_pixels="background")
+    expected_bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, (gt == 1).float())
+    assert released["bce"].item() == pytest.approx(expected_bce.item(), rel=1e-6)
+    assert released["bce"].item() > 0.7
     wrong = lisa_mask_loss(-logits, gt)
     assert wrong["total"].item() == pytest.approx(2.0 * wrong["bce"].item() + 0.5 * wrong["dice"].item())
     with pytest.raises(ValueError, match="gt_masks must have the shape of logits"):

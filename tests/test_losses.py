@@ -155,6 +155,18 @@ def test_proposal_targets_by_hand() -> None:
     np.testing.assert_allclose(iop, EXPECTED_IOP, rtol=1e-6)
 
 
+# LLM-Seg's released targets: the sampled mask is ``(mask == 1)``, the ignore row is background
+EXPECTED_IOU_BACKGROUND = [1.0, 4 / 6, 4 / 16, 0.0, 0.0, 0.0, 2 / 6]
+EXPECTED_IOP_BACKGROUND = [1.0, 4 / 6, 4 / 16, 0.0, 0.0, 0.0, 2 / 4]
+
+
+def test_proposal_targets_with_ignore_pixels_as_background_by_hand() -> None:
+    iou, iop = proposal_targets(_proposals(), GT, "background")
+    np.testing.assert_allclose(iou, EXPECTED_IOU_BACKGROUND, rtol=1e-6)
+    np.testing.assert_allclose(iop, EXPECTED_IOP_BACKGROUND, rtol=1e-6)
+    np.testing.assert_array_equal(iou, proposal_targets(_proposals(), GT == 1, "background")[0])
+
+
 def test_proposal_targets_resizes_truth_by_nearest() -> None:
     big = np.kron(GT, np.ones((3, 3), dtype=np.uint8))  # 12×12, same content
     iou, iop = proposal_targets(_proposals(), big)

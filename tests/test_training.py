@@ -16,70 +16,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from training_setup import SYNTHETIC, build_setup, make_config
 
-from llmseg_ros.data.jsonl import read_jsonl_records
-from llmseg_ros.data.synthetic import SyntheticConfig, generate_split, write_synthetic_dataset
+from llmseg_ros.data.synthetic import generate_split
 from llmseg_ros.models.prompts import SEG_TOKEN
 from llmseg_ros.tiny import TINY_EMBED_SIZE, TINY_PROPOSALS
 from llmseg_ros.training.checkpoint import list_checkpoints
 from llmseg_ros.training.config import DataSource, TrainConfig
 from llmseg_ros.training.datamix import DataMix, rank_positions
-from llmseg_ros.training.modules import build_tiny_models
-from llmseg_ros.training.oracle import OracleProposals
-from llmseg_ros.training.precompute import precompute_cache
 from llmseg_ros.training.trainer import Trainer, warmup_decay
 
 REPO = Path(__file__).resolve().parents[1]
-SYNTHETIC = SyntheticConfig(image_size=64, min_objects=2, max_objects=3, families=("colour", "shape"))
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     """Tiny base models, 4 synthetic training scenes, an oracle proposal cache with features."""
-    from llmseg_ros.models.embeddings import MaskEmbedder
-
-    root = tmp_path_factory.mktemp("training")
-    models = build_tiny_models(root / "models")
-    files = write_synthetic_dataset(root / "data", {"train": 4}, seed=1, config=SYNTHETIC)
-    scenes = generate_split("train", 4, seed=1, config=SYNTHETIC)
-    embedder = MaskEmbedder.load(models["dinov2"], input_size=TINY_EMBED_SIZE)
-    paths = sorted({str(r.image_path) for r in read_jsonl_records(files["train"])})
-    precompute_cache(
-        paths,
-        root / "cache",
-        OracleProposals(scenes),
-        features=lambda image: embedder.backbone_features(image).numpy(),
-        feature_model=models["dinov2"],
-        feature_input_size=TINY_EMBED_SIZE,
-        progress=False,
-    )
-    return {"root": root, "models": models, "train": str(files["train"]), "cache": str(root / "cache")}
-
-
-def make_config(setup: dict[str, object], output: Path, **changes: object) -> TrainConfig:
-    models = setup["models"]
-    assert isinstance(models, dict)
-    base = TrainConfig(
-        sources=[
-            DataSource(kind="jsonl", path=str(setup["train"]), cache=str(setup["cache"]), name="synthetic")
-        ],
-        vlm=models["vlm"],
-        dinov2=models["dinov2"],
-        embed_size=TINY_EMBED_SIZE,
-        sam_checkpoint=models["sam_checkpoint"],
-        sam_model_type="tiny",
-        proposals=TINY_PROPOSALS,
-        lr=1e-3,
-        warmup_steps=1,
-        max_steps=4,
-        grad_accum=2,
-        checkpoint_every=2,
-        log_every=1,
-        output_dir=str(output),
-        device="cpu",
-        seed=3,
-    )
-    return dataclasses.replace(base, **changes)
+    return build_setup(tmp_path_factory.mktemp("training"), {"train": 4})
 
 
 def test_warmup_decay_schedule() -> None:
@@ -140,7 +93,6 @@ def test_config_validation_fingerprint_and_shipped_configs(tmp_path: Path) -> No
         5000,
         "bf16",
     )
-    assert [(s.name, s.rate) for s in paper.sources] == [("sem_seg", 9), ("refer_seg", 3), ("reason_seg", 1)]
     assert (paper.iou_weight, paper.iop_weight, paper.tau) == (1.0, 50.0, 0.05)
     finetune = shipped["llmseg40k_finetune.yaml"]
     assert (finetune.lr, finetune.max_steps, finetune.sources[0].kind) == (1e-5, 2500, "llmseg40k")
@@ -154,7 +106,6 @@ def test_config_validation_fingerprint_and_shipped_configs(tmp_path: Path) -> No
         2.0,
         0.5,
     )
-    assert [(s.name, s.rate) for s in lisa.sources] == [("sem_seg", 9), ("refer_seg", 3), ("reason_seg", 1)]
 
 
 def test_data_mix_is_stateless_and_follows_the_rates(setup: dict[str, object]) -> None:
@@ -164,22 +115,23 @@ def test_data_mix_is_stateless_and_follows_the_rates(setup: dict[str, object]) -
     picks = [mix.choose(p)[0] for p in range(2000)]
     assert abs(np.mean(np.asarray(picks) == 0) - 0.75) < 0.04  # 3 : 1
     first, again = mix[11], DataMix([a, b], seed=7)[11]
-    assert (first.source, first.sample.image_id, first.question, first.answer) == (
+    assert (first.source, first.sample.image_id, first.questions, first.answers) == (
         again.source,
         again.sample.image_id,
-        again.question,
-        again.answer,
+        again.questions,
+        again.answers,
     )
     assert [mix.choose(p)[:2] for p in range(50)] != [
         DataMix([a, b], seed=8).choose(p)[:2] for p in range(50)
     ]
     for position in range(30):
         example = mix[position]
-        assert example.answer.count(SEG_TOKEN) == 1
-        assert any(text.rstrip("?.") in example.question for text in example.sample.instructions)
+        [(question, answer)] = example.conversations  # one question per scene in this data
+        assert answer.count(SEG_TOKEN) == 1
+        assert any(text.rstrip("?.") in question for text in example.sample.instructions)
         if example.source == "a":
             assert example.proposals is not None and example.features is not None
-            assert example.iou is not None and example.iou.shape == (len(example.proposals),)
+            assert example.iou is not None and example.iou.shape == (1, len(example.proposals))
             assert example.iop is not None and example.iop.max() == 1.0  # whole target objects are proposals
         else:
             assert example.proposals is None and example.features is None

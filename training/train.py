@@ -15,9 +15,11 @@ The same script runs on one CPU, one GPU or many GPUs::
     # mechanics only: tiny random models and synthetic data on CPU, a few seconds
     python training/train.py --config training/configs/tiny_smoke.yaml
 
-Killed runs continue from their newest checkpoint when started again with the same
+Killed runs continue from their newest intact checkpoint when started again with the same
 command. The weights land in ``OUTPUT_DIR/weights`` (load them with ``--weights`` in the
-CLI, ``weights_dir`` in the config, or ``training/evaluate.py --weights``).
+CLI, ``weights_dir`` in the config, or ``training/evaluate.py --weights``); with a
+``val_source`` in the config, the weights with the best validation score also land in
+``OUTPUT_DIR/weights_best``.
 """
 
 from __future__ import annotations
@@ -102,9 +104,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = config_from_args(args)
     except ValueError as exc:
         raise SystemExit(f"error: {exc}") from None
+    from llmseg_ros.training.checkpoint import CheckpointError
     from llmseg_ros.training.trainer import train
 
-    result = train(config, progress=not args.no_progress)
+    try:
+        result = train(config, progress=not args.no_progress)
+    except CheckpointError as exc:
+        raise SystemExit(f"error: {exc}") from None
     if os.environ.get("RANK", "0") != "0":  # one report per run (torchrun / accelerate set RANK)
         return 0
     if result.resumed_from is not None:
@@ -113,6 +119,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"finished {result.step} steps; weights in {result.weights_dir}")
     else:
         print(f"stopped at step {result.step}; checkpoint {result.checkpoint} (run again to continue)")
+    if result.best_weights_dir is not None:
+        print(
+            f"best validation {config.val_metric} {result.best_score:.4f} at step {result.best_step}; "
+            f"weights in {result.best_weights_dir}"
+        )
     return 0
 
 

@@ -16,6 +16,13 @@ Batches are padded: ``padding_mask`` (B, K) bool, True = padded slot (ignored). 
 is computed per sample over its real proposals and averaged over the samples that have at
 least one real proposal (0, still differentiable, when none has).
 
+Pixels labelled 255 ("ignore", e.g. ReasonSeg's ignore polygons) in a ground truth are
+handled one of two ways (``ignore_pixels``): ``"background"`` — the released code of
+both papers: the target is ``mask == 1``, so ignored pixels count as background in the
+IoU / IoP targets (LLM-Seg ``utils/reason_seg_dataset.py``: ``(mask == 1)``, then
+``compute_all_iou`` / ``compute_all_iop``) and in LISA's mask loss; ``"exclude"`` — they
+are taken out of every count (the way the ReasonSeg metrics treat them).
+
 LISA (``model/LISA.py``), for N predicted masks with logits ``x`` and targets ``t``:
 
 * ``sigmoid_bce_loss`` = (1/N) Σ_n mean_pixels BCEWithLogits(x_n, t_n);
@@ -32,6 +39,12 @@ import torch.nn.functional as F
 
 KL_DIRECTIONS = ("pred_gt", "gt_pred")
 IGNORE_LABEL = 255
+IGNORE_MODES = ("background", "exclude")
+
+
+def _check_ignore_mode(ignore_pixels: str) -> None:
+    if ignore_pixels not in IGNORE_MODES:
+        raise ValueError(f"ignore_pixels must be one of {list(IGNORE_MODES)}, got {ignore_pixels!r}")
 
 
 def _real_mask(reference: torch.Tensor, padding_mask: torch.Tensor | None) -> torch.Tensor:
@@ -168,17 +181,21 @@ def _resize_nearest(label: np.ndarray, height: int, width: int) -> np.ndarray:
     return label[rows[:, None], cols[None, :]]
 
 
-def proposal_targets(proposal_masks: np.ndarray, gt_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def proposal_targets(
+    proposal_masks: np.ndarray, gt_mask: np.ndarray, ignore_pixels: str = "exclude"
+) -> tuple[np.ndarray, np.ndarray]:
     """Ground-truth IoU and IoP of each proposal, at the proposals' resolution.
 
-    Pixels labelled 255 (ignore) are removed from every count. With S a proposal and G
-    the foreground: IoU = |S∩G| / |S∪G|, IoP = |S∩G| / |S|; a proposal with no valid
-    pixel (|S| = 0) scores 0 for both, as does IoU when |S∪G| = 0.
+    With S a proposal and G the foreground: IoU = |S∩G| / |S∪G|, IoP = |S∩G| / |S|; a
+    proposal with no counted pixel (|S| = 0) scores 0 for both, as does IoU when
+    |S∪G| = 0 (the released code divides 0 by 0 there).
 
     Args:
         proposal_masks: (K, H, W) bool.
         gt_mask: (H', W') bool or integer with values in {0, 1, 255}; resized to (H, W)
             by nearest neighbour when its size differs.
+        ignore_pixels: pixels labelled 255 are ``"exclude"``-d from every count, or
+            count as ``"background"`` (LLM-Seg's released code; see the module docstring).
 
     Returns:
         ``(iou, iop)``, each (K,) float32 in [0, 1].
@@ -193,10 +210,12 @@ def proposal_targets(proposal_masks: np.ndarray, gt_mask: np.ndarray) -> tuple[n
         values = np.unique(gt)
         if not np.isin(values, (0, 1, IGNORE_LABEL)).all():
             raise ValueError(f"gt_mask values must be 0, 1 or {IGNORE_LABEL}, got {values.tolist()[:10]}")
+    _check_ignore_mode(ignore_pixels)
     k, h, w = masks.shape
     if gt.shape != (h, w):
         gt = _resize_nearest(gt, h, w)
-    valid = (gt != IGNORE_LABEL).reshape(-1)
+    counted = gt != IGNORE_LABEL if ignore_pixels == "exclude" else np.ones((h, w), dtype=bool)
+    valid = counted.reshape(-1)
     fg = ((gt == 1) if gt.dtype != bool else gt).reshape(-1) & valid
     s = masks.reshape(k, h * w).astype(bool) & valid  # (K, N) valid proposal pixels
     inter = (s & fg).sum(axis=1).astype(np.float64)
@@ -263,15 +282,19 @@ def lisa_mask_loss(
     gt_masks: torch.Tensor,
     bce_weight: float = LISA_BCE_WEIGHT,
     dice_weight: float = LISA_DICE_WEIGHT,
+    ignore_pixels: str = "exclude",
 ) -> dict[str, torch.Tensor]:
     """LISA's mask loss: ``bce_weight · BCE + dice_weight · Dice`` (LM loss added by the caller).
 
     Args:
         logits: (N, H, W) mask logits at the ground truth's resolution.
-        gt_masks: (N, H, W) uint8/bool ground truth with 0/1, and 255 = ignore. Ignored
-            pixels are taken out of both terms (logit forced to a large negative value,
-            target 0, so they add nothing to BCE or Dice; they still count in BCE's
-            per-pixel mean).
+        gt_masks: (N, H, W) uint8/bool ground truth with 0/1, and 255 = ignore.
+        bce_weight, dice_weight: LISA's λ_bce (2.0) and λ_dice (0.5).
+        ignore_pixels: ``"background"`` (LISA's released code: the target is
+            ``mask == 1``, an ignored pixel is a background pixel with its own logit) or
+            ``"exclude"`` (ignored pixels add nothing to either term: logit forced to a
+            large negative value, target 0; they still count in BCE's per-pixel mean).
+
     Returns:
         dict with ``total`` (weighted), ``bce`` and ``dice`` (unweighted), all scalars.
     """
@@ -279,10 +302,12 @@ def lisa_mask_loss(
         raise ValueError(
             f"gt_masks must have the shape of logits {tuple(logits.shape)}, got {tuple(gt_masks.shape)}"
         )
+    _check_ignore_mode(ignore_pixels)
     gt = gt_masks.to(logits.device)
-    valid = gt != 255
-    targets = ((gt == 1) & valid).float()
-    masked_logits = torch.where(valid, logits.float(), torch.full_like(logits.float(), -1e4))
-    bce = sigmoid_bce_loss(masked_logits, targets)
-    dice = dice_loss(masked_logits, targets)
+    targets = (gt == 1).float()
+    scores = logits.float()
+    if ignore_pixels == "exclude":
+        scores = torch.where(gt != IGNORE_LABEL, scores, torch.full_like(scores, -1e4))
+    bce = sigmoid_bce_loss(scores, targets)
+    dice = dice_loss(scores, targets)
     return {"total": bce_weight * bce + dice_weight * dice, "bce": bce, "dice": dice}

@@ -1,28 +1,41 @@
-"""Training checkpoints: atomic, resumable exactly.
+"""Training checkpoints: atomic, verified, resumable exactly, and never unpickling code.
 
 Layout of one checkpoint (``OUTPUT_DIR/checkpoints/step-00000500/``)::
 
-    state.json        TrainState: optimizer step, micro-step, world size, config fingerprint
-    trainable.pt      {parameter name: tensor} of every trainable parameter (CPU)
-    optimizer.pt      the optimizer's state_dict (not with DeepSpeed, see below)
-    scheduler.pt      the learning-rate scheduler's state_dict
-    rng_<rank>.pt     RNG states of python ``random``, numpy, torch CPU and CUDA, per process
-    engine/           DeepSpeed only: the engine's checkpoint (sharded optimizer states)
+    state.json              TrainState, the format version, and the size and SHA-256 of
+                            every other file of the checkpoint (written last)
+    trainable.safetensors   {parameter name: tensor} of every trainable parameter (CPU)
+    optimizer.pt            the optimizer's state_dict (not with DeepSpeed, see below)
+    scheduler.pt            the learning-rate scheduler's state_dict
+    rng_<rank>.pt           RNG states of python ``random``, numpy, torch CPU and CUDA, per process
+    engine/                 DeepSpeed only: the engine's checkpoint (sharded optimizer states)
 
-It is written into ``step-NNNNNNNN.tmp`` and renamed into place once complete, so a crash
-never leaves a checkpoint that looks finished. Files are read with ``torch.load(...,
-weights_only=False)``: only load checkpoints you wrote yourself.
+Safety: tensors are stored as safetensors and the run's position as JSON; what only
+torch can write (optimizer, scheduler and RNG states: dicts, lists, numbers and tensors)
+goes through ``torch.save`` and is read back with ``torch.load(weights_only=True)``, whose
+unpickler builds only those types and refuses anything else, so a planted file cannot
+run code. Before any file is opened its size and SHA-256 are checked against
+``state.json``, so a truncated or replaced file is caught up front. (DeepSpeed reads its
+own ``engine/`` files with its own loader: resume DeepSpeed runs only from directories
+you trust.)
+
+Atomicity: a checkpoint is written into ``step-NNNNNNNN.tmp``, every file flushed to disk,
+and the folder renamed into place once complete, so a crash never leaves a checkpoint
+that looks finished. :func:`find_checkpoint` returns the newest checkpoint that passes
+the checks; one that does not is reported and skipped in favour of the previous one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import random
 import re
 import shutil
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +44,19 @@ import torch
 
 from llmseg_ros.data.io import atomic_write_json
 
+logger = logging.getLogger(__name__)
+
 CHECKPOINT_DIR = "checkpoints"
 STATE_NAME = "state.json"
+TRAINABLE_NAME = "trainable.safetensors"
+OPTIMIZER_NAME = "optimizer.pt"
+SCHEDULER_NAME = "scheduler.pt"
+CHECKPOINT_FORMAT = 2
 _NAME = re.compile(r"^step-(\d{8})$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed from (incomplete, corrupted, foreign or old)."""
 
 
 @dataclass
@@ -46,30 +69,49 @@ class TrainState:
             checkpoint); the data position of the next micro-batch.
         world_size: processes of the run that wrote the checkpoint.
         fingerprint: ``TrainConfig.fingerprint()`` of that run.
+        best_score: the best validation score so far (``val_metric``; ``None`` before the
+            first validation).
+        best_step: the optimizer step it was reached at (0 before the first validation).
     """
 
     step: int = 0
     micro_step: int = 0
     world_size: int = 1
     fingerprint: str = ""
+    best_score: float | None = None
+    best_step: int = 0
 
 
 def rng_state() -> dict[str, Any]:
-    """The global RNG states: python ``random``, numpy, torch CPU, and every CUDA device."""
+    """The global RNG states: python ``random``, numpy, torch CPU, and every CUDA device.
+
+    Only plain lists, numbers, strings and tensors, so the state round-trips through
+    ``torch.save`` / ``torch.load(weights_only=True)``.
+    """
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
     state: dict[str, Any] = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "python": [int(version), [int(v) for v in internal], gauss],
+        "numpy": [
+            str(name),
+            torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            int(pos),
+            int(has_gauss),
+            float(cached),
+        ],
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = list(torch.cuda.get_rng_state_all())
     return state
 
 
 def restore_rng_state(state: dict[str, Any]) -> None:
     """Inverse of :func:`rng_state`."""
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((int(version), tuple(int(v) for v in internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), float(cached)))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -80,7 +122,11 @@ def checkpoint_name(step: int) -> str:
 
 
 def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
-    """Finished checkpoints under ``root`` (the run's ``checkpoints/`` folder), oldest first."""
+    """Finished checkpoints under ``root`` (the run's ``checkpoints/`` folder), oldest first.
+
+    "Finished" means renamed into place with a ``state.json``; whether its files are
+    intact is checked by :func:`load_checkpoint`.
+    """
     root = Path(root)
     if not root.is_dir():
         return []
@@ -93,7 +139,7 @@ def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
 
 
 def latest_checkpoint(root: str | Path) -> Path | None:
-    """The newest finished checkpoint under ``root``, or ``None``."""
+    """The newest finished checkpoint under ``root``, or ``None`` (not verified)."""
     found = list_checkpoints(root)
     return found[-1][1] if found else None
 
@@ -108,6 +154,37 @@ def prune_checkpoints(root: str | Path, keep: int) -> None:
 
 def _noop() -> None:
     return None
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file, or a folder's entries, to disk (best effort for folders)."""
+    flags = os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() and hasattr(os, "O_DIRECTORY") else 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not path.is_dir():
+            raise
+    finally:
+        os.close(fd)
+
+
+def _digest(path: Path) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def _file_table(folder: Path) -> dict[str, dict[str, Any]]:
+    """relative path → {size, sha256} of every file under ``folder`` except ``state.json``."""
+    table = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        name = path.relative_to(folder).as_posix()
+        if name != STATE_NAME:
+            table[name] = {"size": path.stat().st_size, "sha256": _digest(path)}
+    return table
 
 
 def save_checkpoint(
@@ -139,6 +216,8 @@ def save_checkpoint(
     Returns:
         The checkpoint folder.
     """
+    from safetensors.torch import save_file
+
     root = Path(root)
     final = root / checkpoint_name(state.step)
     tmp = root / f"{checkpoint_name(state.step)}.tmp"
@@ -148,21 +227,29 @@ def save_checkpoint(
         tmp.mkdir(parents=True)
     barrier()
     torch.save(rng_state(), tmp / f"rng_{rank}.pt")
+    _fsync(tmp / f"rng_{rank}.pt")
     if engine_save is not None:
         engine_save(tmp / "engine")
     barrier()
     if rank == 0:
-        torch.save({k: v.detach().to("cpu").clone() for k, v in trainable.items()}, tmp / "trainable.pt")
+        tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in trainable.items()}
+        save_file(tensors, str(tmp / TRAINABLE_NAME), metadata={"format": str(CHECKPOINT_FORMAT)})
         if optimizer_state is not None:
-            torch.save(optimizer_state, tmp / "optimizer.pt")
-        torch.save(scheduler_state, tmp / "scheduler.pt")
+            torch.save(optimizer_state, tmp / OPTIMIZER_NAME)
+        torch.save(scheduler_state, tmp / SCHEDULER_NAME)
+        for path in tmp.rglob("*"):
+            if path.is_file():
+                _fsync(path)
+        record = {"format": CHECKPOINT_FORMAT, **asdict(state), "files": _file_table(tmp)}
         with open(tmp / STATE_NAME, "w", encoding="utf-8") as fh:
-            json.dump(asdict(state), fh, indent=2)
+            json.dump(record, fh, indent=2)
             fh.flush()
             os.fsync(fh.fileno())
+        _fsync(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
+        _fsync(root)
         if keep is not None:
             prune_checkpoints(root, keep)
     barrier()
@@ -181,33 +268,131 @@ class LoadedCheckpoint:
     rng: dict[str, Any] | None
 
 
+def _read_state(path: Path) -> tuple[TrainState, dict[str, dict[str, Any]]]:
+    state_path = path / STATE_NAME
+    if not state_path.is_file():
+        raise CheckpointError(f"{path} is not a finished checkpoint ({STATE_NAME} missing)")
+    try:
+        record = json.loads(state_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{state_path} is not readable JSON ({exc})") from exc
+    if not isinstance(record, dict):
+        raise CheckpointError(f"{state_path} must hold a JSON object, got {type(record).__name__}")
+    if record.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            f"{path} was written in checkpoint format {record.get('format', 1)!r}, not {CHECKPOINT_FORMAT} "
+            "(older versions stored pickled trainable.pt files, which are never loaded); "
+            "start the run in a new output_dir"
+        )
+    files = record.pop("files", None)
+    record.pop("format")
+    if not isinstance(files, dict) or not all(
+        isinstance(v, dict) and isinstance(v.get("size"), int) and isinstance(v.get("sha256"), str)
+        for v in files.values()
+    ):
+        raise CheckpointError(f"{state_path} has no valid 'files' table of sizes and SHA-256 digests")
+    known = {f.name for f in fields(TrainState)}
+    unknown = sorted(set(record) - known)
+    if unknown:
+        raise CheckpointError(f"{state_path} holds unknown field(s) {unknown}")
+    try:
+        state = TrainState(**record)
+    except TypeError as exc:
+        raise CheckpointError(f"{state_path}: {exc}") from exc
+    if not (isinstance(state.step, int) and isinstance(state.micro_step, int) and state.step >= 0):
+        raise CheckpointError(f"{state_path}: step and micro_step must be non-negative integers")
+    return state, files
+
+
+def verify_checkpoint(path: str | Path) -> TrainState:
+    """Check a checkpoint's ``state.json`` and every file it lists (size, then SHA-256).
+
+    Opens no file other than ``state.json`` for parsing.
+
+    Raises:
+        CheckpointError: naming the first problem found.
+    """
+    path = Path(path)
+    state, files = _read_state(path)
+    for required in (TRAINABLE_NAME, SCHEDULER_NAME):
+        if required not in files:
+            raise CheckpointError(f"{path} lists no {required}")
+    present = {p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()} - {STATE_NAME}
+    extra = sorted(present - set(files))
+    if extra:
+        raise CheckpointError(f"{path} holds files its {STATE_NAME} does not list: {extra[:5]}")
+    for name, expected in files.items():
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"{path}: {name} is missing")
+        size = file.stat().st_size
+        if size != expected["size"]:
+            raise CheckpointError(
+                f"{path}: {name} has {size} bytes, {expected['size']} were written (truncated?)"
+            )
+        if _digest(file) != expected["sha256"]:
+            raise CheckpointError(f"{path}: {name} does not match the SHA-256 recorded when it was written")
+    return state
+
+
+def _torch_file(path: Path) -> Any:
+    """``torch.load`` restricted to tensors and plain containers (no code runs on load)."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise CheckpointError(
+            f"{path} could not be read as tensors and plain data (refused by torch.load(weights_only=True)): "
+            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        ) from exc
+
+
 def load_checkpoint(path: str | Path, rank: int = 0) -> LoadedCheckpoint:
-    """Read a checkpoint written by :func:`save_checkpoint`.
+    """Read a checkpoint written by :func:`save_checkpoint`, after :func:`verify_checkpoint`.
 
     ``rng`` is this rank's RNG state, ``None`` when the checkpoint was written by a run
     with fewer processes (the caller then seeds that rank afresh).
 
     Raises:
-        FileNotFoundError: ``path`` is not a finished checkpoint.
+        CheckpointError: the checkpoint is incomplete, corrupted, or holds anything but
+            tensors and plain data.
     """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
     path = Path(path)
-    state_path = path / STATE_NAME
-    if not state_path.is_file():
-        raise FileNotFoundError(f"{path} is not a finished checkpoint ({STATE_NAME} missing)")
-    state = TrainState(**json.loads(state_path.read_text(encoding="utf-8")))
-
-    def load(name: str) -> Any:
-        return torch.load(path / name, map_location="cpu", weights_only=False)
-
+    state = verify_checkpoint(path)
+    try:
+        trainable = load_file(str(path / TRAINABLE_NAME))
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{path / TRAINABLE_NAME} is not a valid safetensors file ({exc})") from exc
+    optimizer_path = path / OPTIMIZER_NAME
     rng_path = path / f"rng_{rank}.pt"
     return LoadedCheckpoint(
         path=path,
         state=state,
-        trainable=load("trainable.pt"),
-        optimizer_state=load("optimizer.pt") if (path / "optimizer.pt").is_file() else None,
-        scheduler_state=load("scheduler.pt"),
-        rng=load(rng_path.name) if rng_path.is_file() else None,
+        trainable=trainable,
+        optimizer_state=_torch_file(optimizer_path) if optimizer_path.is_file() else None,
+        scheduler_state=_torch_file(path / SCHEDULER_NAME),
+        rng=_torch_file(rng_path) if rng_path.is_file() else None,
     )
+
+
+def find_checkpoint(root: str | Path, rank: int = 0) -> tuple[LoadedCheckpoint | None, list[str]]:
+    """The newest checkpoint under ``root`` that loads, and why each newer one was skipped.
+
+    Returns:
+        ``(checkpoint, problems)``: ``checkpoint`` is ``None`` when there is none that
+        loads; ``problems`` holds one message per skipped checkpoint, newest first.
+    """
+    problems: list[str] = []
+    for _, path in reversed(list_checkpoints(root)):
+        try:
+            return load_checkpoint(path, rank), problems
+        except CheckpointError as exc:
+            problems.append(str(exc))
+    return None, problems
 
 
 def write_run_config(output_dir: str | Path, config: dict[str, Any]) -> Path:

@@ -14,11 +14,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llmseg_ros.config import SAM_MODEL_TYPES, LoraSettings, ProposalConfig
+from llmseg_ros.config import SAM_MODEL_TYPES, LoraSettings, ProposalConfig, SelectionConfig
 
 SOURCE_KINDS = ("reasonseg", "llmseg40k", "jsonl")
 INSTRUCTION_CHOICES = ("random", "first")
 TEMPLATE_CHOICES = ("lisa", "inference")
+DRAW_CHOICES = ("image", "question")
+IGNORE_PIXEL_CHOICES = ("background", "exclude")
+SEG_INIT_CHOICES = ("normal", "mean")
+VAL_METRICS = ("giou", "giou_1024")
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 PROFILES = ("custom", "tiny")
 IOU_DIRECTIONS = ("pred_gt", "gt_pred")
@@ -49,6 +53,17 @@ class DataSource:
             LISA's lists (:mod:`llmseg_ros.models.prompts`), as LISA / LLM-Seg train;
             ``inference`` always uses the one prompt and answer the pipeline uses at
             inference time.
+        draw: what one draw from this source is. ``image`` (default): an image, uniformly
+            over the source's distinct images, with up to ``questions`` of its questions
+            drawn without replacement — every instruction of every record of that image
+            (ReasonSeg's paraphrases; the categories or referring expressions of a
+            converted semantic / referring segmentation set, one JSONL line each), as
+            LISA's and LLM-Seg's ``sem_seg`` / ``refer_seg`` / ``reason_seg`` datasets
+            draw. ``question``: one question, uniformly over the records (LLM-Seg's
+            LLM-Seg40K fine-tuning set); ``questions`` is then ignored.
+        questions: the most questions per drawn image (LISA / LLM-Seg
+            ``num_classes_per_sample``, 3). Each is its own conversation with the image;
+            all of them are supervised in the same step.
     """
 
     kind: str
@@ -61,6 +76,8 @@ class DataSource:
     name: str = ""
     instructions: str = "random"
     templates: str = "lisa"
+    draw: str = "image"
+    questions: int = 3
 
     def __post_init__(self) -> None:
         if self.kind not in SOURCE_KINDS:
@@ -77,6 +94,10 @@ class DataSource:
             raise ValueError(
                 f"source templates must be one of {list(TEMPLATE_CHOICES)}, got {self.templates!r}"
             )
+        if self.draw not in DRAW_CHOICES:
+            raise ValueError(f"source draw must be one of {list(DRAW_CHOICES)}, got {self.draw!r}")
+        if isinstance(self.questions, bool) or not isinstance(self.questions, int) or self.questions < 1:
+            raise ValueError(f"source questions must be an integer >= 1, got {self.questions!r}")
         if isinstance(self.cache, tuple):
             self.cache = list(self.cache)
         self.name = self.name or self.kind
@@ -131,7 +152,34 @@ class TrainConfig:
     ``iou_direction`` (default ``gt_pred`` = the released code's KL(gt ‖ pred), which the
     published numbers come from; ``pred_gt`` = the paper's formula read literally),
     ``lm_weight`` (1); LISA: ``bce_weight`` (2.0) and ``dice_weight`` (0.5) on the mask,
-    plus ``lm_weight`` on the text.
+    plus ``lm_weight`` on the text. ``ignore_pixels``: ground-truth pixels labelled 255
+    count as ``background`` in the IoU / IoP targets and LISA's mask loss (default, as
+    both papers' released code trains) or are ``exclude``-d from them
+    (:mod:`llmseg_ros.models.losses`). The metrics always exclude them.
+
+    ``<SEG>``: ``seg_init`` — how a fresh adapter's ``<SEG>`` rows of the input embeddings
+    and the LM head start: ``normal`` (default) draws each from N(0, σ²) with σ the
+    language model's ``initializer_range`` (0.02 for LLaMA), which is what the authors'
+    ``resize_token_embeddings`` did (transformers 4.29 / 4.31 initialise new rows with
+    the model's ``_init_weights``); ``mean`` keeps the mean of the existing rows that
+    :meth:`~llmseg_ros.models.vlm.SegVLM.load` puts there (transformers ≥ 4.46 resize
+    from the mean and covariance instead). Ignored with ``init_weights`` (the adapter
+    holds trained rows).
+
+    Validation (LLM-Seg / LISA validate on ReasonSeg val after every epoch of 500 steps
+    and keep the checkpoint with the best gIoU): ``val_source`` — a data source read as
+    an evaluation set (its first instruction per sample, as the evaluator does; a
+    proposal cache is used when given); ``val_every`` — validate every that many
+    optimizer steps (0 = only after the last step) and after the last step;
+    ``val_limit`` — the first N samples only (``None`` = all); ``val_selection`` — the
+    selection strategy scored (default: IoP > 0.5, the strategy the LLM-Seg authors
+    picked their checkpoint with); ``val_metric`` — what "best" compares: ``giou`` (at
+    each image's resolution, as LISA's ``train_ds.py`` and the evaluator) or
+    ``giou_1024`` (prediction and truth nearest-resized to 1024 × 1024 first, as LLM-Seg's
+    ``validate_threshold``). The weights with the best score so far are exported to
+    ``OUTPUT_DIR/weights_best`` (strictly greater than the previous best, as the authors
+    compare), the last ones to ``OUTPUT_DIR/weights``; scores go to
+    ``OUTPUT_DIR/validation.jsonl``.
 
     Run: ``output_dir`` (checkpoints, logs, final weights under ``weights/``),
     ``checkpoint_every`` (optimizer steps; 0 = only at the end), ``keep_checkpoints``,
@@ -174,6 +222,14 @@ class TrainConfig:
     iou_direction: str = "gt_pred"
     bce_weight: float = 2.0
     dice_weight: float = 0.5
+    ignore_pixels: str = "background"
+    seg_init: str = "normal"
+
+    val_source: DataSource | None = None
+    val_every: int = 0
+    val_limit: int | None = None
+    val_selection: SelectionConfig = field(default_factory=SelectionConfig)
+    val_metric: str = "giou"
 
     output_dir: str = "runs/llmseg"
     checkpoint_every: int = 500
@@ -194,6 +250,18 @@ class TrainConfig:
             self.lora = _build(LoraSettings, self.lora, "lora")
         if isinstance(self.proposals, dict):
             self.proposals = _build(ProposalConfig, self.proposals, "proposals")
+        if isinstance(self.val_source, dict):
+            self.val_source = _build(DataSource, self.val_source, "val_source")
+        if isinstance(self.val_selection, dict):
+            self.val_selection = _build(SelectionConfig, self.val_selection, "val_selection")
+        if self.val_source is not None and not isinstance(self.val_source, DataSource):
+            raise ValueError(
+                f"val_source must be a mapping of DataSource fields or null, got {type(self.val_source).__name__}"
+            )
+        if not isinstance(self.val_selection, SelectionConfig):
+            raise ValueError(
+                f"val_selection must be a mapping of SelectionConfig fields, got {type(self.val_selection).__name__}"
+            )
         if not isinstance(self.lora, LoraSettings):
             raise ValueError(f"lora must be a mapping of LoraSettings fields, got {type(self.lora).__name__}")
         if not isinstance(self.proposals, ProposalConfig):
@@ -228,7 +296,7 @@ class TrainConfig:
         for name in ("max_steps", "batch_size", "grad_accum", "log_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
-        for name in ("warmup_steps", "checkpoint_every", "num_workers"):
+        for name in ("warmup_steps", "checkpoint_every", "num_workers", "val_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         if self.warmup_steps >= self.max_steps and self.max_steps > 1:
@@ -239,12 +307,19 @@ class TrainConfig:
             raise ValueError(f"max_grad_norm must be >= 0 or null, got {self.max_grad_norm!r}")
         if self.stop_after is not None and self.stop_after < 1:
             raise ValueError(f"stop_after must be >= 1 or null, got {self.stop_after!r}")
+        if self.val_limit is not None and self.val_limit < 1:
+            raise ValueError(f"val_limit must be >= 1 or null, got {self.val_limit!r}")
+        if self.val_every and self.val_source is None:
+            raise ValueError(f"val_every is {self.val_every} but no val_source is set")
         choices: tuple[tuple[str, tuple[str, ...]], ...] = (
             ("precision", PRECISIONS),
             ("profile", PROFILES),
             ("iou_direction", IOU_DIRECTIONS),
             ("resume", RESUME_MODES),
             ("method", TRAIN_METHODS),
+            ("ignore_pixels", IGNORE_PIXEL_CHOICES),
+            ("seg_init", SEG_INIT_CHOICES),
+            ("val_metric", VAL_METRICS),
         )
         for name, allowed in choices:
             if getattr(self, name) not in allowed:

@@ -1,13 +1,14 @@
-"""Training data: several datasets mixed with sampling rates, one example per position.
+"""Training data: several datasets mixed with sampling rates, one drawn image per position.
 
 The stream is *stateless*: the example at position ``p`` depends only on (seed, p) —
-which source (probability ``rate / Σ rates``, LISA's ``sample_rate``), which sample of it
-(uniform, with replacement, as LISA draws), which of its instructions, and which
-question / answer template (LISA's lists, :mod:`llmseg_ros.models.prompts`, or the inference
-prompt). A run's data
-position is therefore one integer, which makes resuming exact, lets DataLoader workers
-build examples in any order, and gives each process of a multi-GPU run its own
-positions (see :func:`rank_positions`).
+which source (probability ``rate / Σ rates``, LISA's ``sample_rate``), which image of it
+(uniform, with replacement, as LISA draws) and which of that image's questions (up to the
+source's ``questions``, without replacement: LISA / LLM-Seg's ``num_classes_per_sample``),
+and which question / answer template each gets (LISA's lists,
+:mod:`llmseg_ros.models.prompts`, or the inference prompt). A run's data position is
+therefore one integer, which makes resuming exact, lets DataLoader workers build examples
+in any order, and gives each process of a multi-GPU run its own positions (see
+:func:`rank_positions`).
 """
 
 from __future__ import annotations
@@ -30,29 +31,46 @@ from llmseg_ros.types import Proposals
 
 @dataclass
 class TrainExample:
-    """One training example.
+    """One drawn image with Q ≥ 1 questions about it.
 
     Attributes:
         position: its position in the stream.
         source: name of the data source it came from.
-        sample: the dataset sample (image (H, W, 3) uint8 RGB, mask (H, W) uint8 0/1/255).
-        question / answer: the templated user turn and the answer holding ``<SEG>``.
+        sample: the dataset sample of the image (image (H, W, 3) uint8 RGB, its file and
+            id); with several records of one image, the first drawn one.
+        instructions: Q instructions as the dataset gives them.
+        questions / answers: Q templated user turns and answers, each answer holding one
+            ``<SEG>``; each pair is its own conversation with the image.
+        targets: Q (H, W) uint8 ground truths (0/1, 255 = ignore), one per question
+            (ReasonSeg's paraphrases share one).
         proposals: cached proposals at (H, W), or ``None`` when the source has no cache
             (the trainer runs the proposal stage itself).
         features: (C, g, g) float16 cached backbone features, or ``None``.
-        iou / iop: (K,) float32 ground-truth IoU / IoP of each proposal (``None`` with
-            the proposals).
+        iou / iop: (Q, K) float32 ground-truth IoU / IoP of each proposal for each question
+            (``None`` with the proposals).
     """
 
     position: int
     source: str
     sample: Sample
-    question: str
-    answer: str
+    instructions: list[str]
+    questions: list[str]
+    answers: list[str]
+    targets: list[np.ndarray]
     proposals: Proposals | None
     features: np.ndarray | None
     iou: np.ndarray | None
     iop: np.ndarray | None
+
+    @property
+    def image(self) -> np.ndarray:
+        """(H, W, 3) uint8 RGB."""
+        return self.sample.image
+
+    @property
+    def conversations(self) -> list[tuple[str, str]]:
+        """The Q (question, answer) pairs."""
+        return list(zip(self.questions, self.answers))
 
 
 def open_source(source: DataSource) -> Sequence[Sample]:
@@ -89,16 +107,59 @@ def dataset_image_paths(dataset: Sequence[Sample]) -> list[Path]:
     return [Path(e.image_path) for e in entries]
 
 
-def add_targets(example: TrainExample, proposals: Proposals) -> TrainExample:
-    """Attach proposals and their ground-truth IoU / IoP (at the proposals' resolution)."""
+def add_targets(
+    example: TrainExample, proposals: Proposals, ignore_pixels: str = "background"
+) -> TrainExample:
+    """Attach proposals and their (Q, K) ground-truth IoU / IoP (at the proposals' resolution).
+
+    ``ignore_pixels``: how pixels labelled 255 enter the targets
+    (:func:`llmseg_ros.models.losses.proposal_targets`).
+    """
     if proposals.image_size != example.sample.image_size:
         raise ValueError(
             f"proposals of sample {example.sample.image_id!r} are {proposals.image_size}, the image is "
             f"{example.sample.image_size}; the cache was built from different images"
         )
-    iou, iop = proposal_targets(proposals.masks, example.sample.mask)
-    example.proposals, example.iou, example.iop = proposals, iou, iop
+    pairs = [proposal_targets(proposals.masks, target, ignore_pixels) for target in example.targets]
+    k = len(proposals)
+    example.iou = np.stack([iou for iou, _ in pairs]) if pairs else np.zeros((0, k), np.float32)
+    example.iop = np.stack([iop for _, iop in pairs]) if pairs else np.zeros((0, k), np.float32)
+    example.proposals = proposals
     return example
+
+
+def sample_instructions(dataset: Sequence[Sample], index: int) -> tuple[str, ...]:
+    """The instructions of sample ``index`` (the first is the sample's ``instruction``).
+
+    Read from the reader's index when it has one (ReasonSeg's ``instructions``, a JSONL
+    or LLM-Seg40K ``question``), so no pixels are loaded; otherwise the sample is loaded.
+    """
+    entries = getattr(dataset, "entries", None)
+    if entries is not None:
+        entry = entries[index]
+        texts = getattr(entry, "instructions", None)
+        if texts:
+            return tuple(texts)
+        question = getattr(entry, "question", None)
+        if isinstance(question, str):
+            return (question,)
+    return dataset[index].instructions
+
+
+def image_groups(dataset: Sequence[Sample]) -> list[list[int]]:
+    """Sample indices of ``dataset`` grouped by image file, in order of first appearance.
+
+    A reader that cannot list its image files without loading them gets one group per
+    sample.
+    """
+    try:
+        paths = dataset_image_paths(dataset)
+    except TypeError:
+        return [[i] for i in range(len(dataset))]
+    groups: dict[Path, list[int]] = {}
+    for index, path in enumerate(paths):
+        groups.setdefault(path, []).append(index)
+    return list(groups.values())
 
 
 class DataMix(torch.utils.data.Dataset[TrainExample]):
@@ -112,6 +173,8 @@ class DataMix(torch.utils.data.Dataset[TrainExample]):
         use_features: read cached backbone features when the caches hold them.
         with_proposals: attach cached proposals and their targets (LLM-Seg); ``False``
             ignores the caches (LISA needs only the ground-truth masks).
+        ignore_pixels: how pixels labelled 255 enter the IoU / IoP targets
+            (``background`` or ``exclude``, :func:`~llmseg_ros.models.losses.proposal_targets`).
     """
 
     def __init__(
@@ -122,6 +185,7 @@ class DataMix(torch.utils.data.Dataset[TrainExample]):
         datasets: Sequence[Sequence[Sample]] | None = None,
         use_features: bool = True,
         with_proposals: bool = True,
+        ignore_pixels: str = "background",
     ) -> None:
         if not sources:
             raise ValueError("the training mix needs at least one data source (config 'sources')")
@@ -136,40 +200,87 @@ class DataMix(torch.utils.data.Dataset[TrainExample]):
             CacheSet([ProposalCache(d) for d in s.cache_dirs]) if s.cache_dirs and with_proposals else None
             for s in self.sources
         ]
+        # What one draw picks from: groups of samples sharing an image, or single samples.
+        self.units: list[list[list[int]]] = [
+            image_groups(d) if s.draw == "image" else [[i] for i in range(len(d))]
+            for s, d in zip(self.sources, self.datasets)
+        ]
         self.use_features = use_features
+        self.ignore_pixels = ignore_pixels
 
     def __len__(self) -> int:
         """Nominal length (Σ dataset sizes); any non-negative position is valid."""
         return sum(len(d) for d in self.datasets)
 
-    def choose(self, position: int) -> tuple[int, int, random.Random]:
-        """(source index, sample index, template rng) of ``position``."""
+    def choose(self, position: int) -> tuple[int, int, np.random.Generator]:
+        """(source index, unit index, rng for the questions and templates) of ``position``.
+
+        A unit is one image (``draw: image``) or one sample (``draw: question``).
+        """
         if position < 0:
             raise ValueError(f"position must be >= 0, got {position}")
         rng = np.random.default_rng([self.seed, int(position)])
         source = int(rng.choice(len(self.sources), p=self.probabilities))
-        index = int(rng.integers(len(self.datasets[source])))
-        return source, index, random.Random(int(rng.integers(2**63)))
+        unit = int(rng.integers(len(self.units[source])))
+        return source, unit, rng
+
+    def _questions(
+        self, source_index: int, indices: list[int], rng: np.random.Generator
+    ) -> list[tuple[int, str]]:
+        """(sample index, instruction) of each drawn question of one unit (samples ``indices``)."""
+        source = self.sources[source_index]
+        dataset = self.datasets[source_index]
+        if source.draw == "question":
+            texts = sample_instructions(dataset, indices[0])
+            pick = int(rng.integers(len(texts))) if source.instructions == "random" else 0
+            return [(indices[0], texts[pick])]
+        candidates: list[tuple[int, str]] = []
+        for index in indices:
+            texts = sample_instructions(dataset, index)
+            candidates.extend(
+                (index, text) for text in (texts if source.instructions == "random" else texts[:1])
+            )
+        if len(candidates) <= source.questions:
+            return candidates
+        picked = rng.choice(len(candidates), size=source.questions, replace=False)
+        return [candidates[int(i)] for i in picked]
 
     def __getitem__(self, position: int) -> TrainExample:
-        source_index, index, rng = self.choose(int(position))
+        source_index, unit, rng = self.choose(int(position))
         source = self.sources[source_index]
-        sample = self.datasets[source_index][index]
-        if source.instructions == "random":
-            instruction = sample.instructions[rng.randrange(len(sample.instructions))]
-        else:
-            instruction = sample.instruction
-        if source.templates == "lisa":
-            question = training_question(instruction, rng, is_sentence=sample.is_sentence)
-            answer = training_answer(rng)
-        else:
-            question, answer = format_instruction(instruction, sample.is_sentence), DEFAULT_ANSWER
+        dataset = self.datasets[source_index]
+        drawn = self._questions(source_index, self.units[source_index][unit], rng)
+        templates = random.Random(int(rng.integers(2**63)))
+        loaded: dict[int, Sample] = {}
+        for index, _ in drawn:
+            if index not in loaded:
+                loaded[index] = dataset[index]
+        sample = loaded[drawn[0][0]]
+        questions: list[str] = []
+        answers: list[str] = []
+        for index, text in drawn:
+            is_sentence = loaded[index].is_sentence
+            if source.templates == "lisa":
+                questions.append(training_question(text, templates, is_sentence=is_sentence))
+                answers.append(training_answer(templates))
+            else:
+                questions.append(format_instruction(text, is_sentence))
+                answers.append(DEFAULT_ANSWER)
+        targets = [loaded[index].mask for index, _ in drawn]
+        for target in targets:
+            if target.shape != sample.mask.shape:
+                raise ValueError(
+                    f"samples of image {sample.image_path} in source {source.name!r} have masks of "
+                    f"shapes {target.shape} and {sample.mask.shape}"
+                )
         example = TrainExample(
             position=int(position),
             source=source.name,
             sample=sample,
-            question=question,
-            answer=answer,
+            instructions=[text for _, text in drawn],
+            questions=questions,
+            answers=answers,
+            targets=targets,
             proposals=None,
             features=None,
             iou=None,
@@ -183,7 +294,7 @@ class DataMix(torch.utils.data.Dataset[TrainExample]):
                 )
             frame = cache.lookup(sample.image_path, with_features=self.use_features)
             example.features = frame.features
-            add_targets(example, frame.proposals)
+            add_targets(example, frame.proposals, self.ignore_pixels)
         return example
 
 

@@ -17,7 +17,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -47,17 +47,21 @@ TINY_VERSION = 1
 class Batch:
     """One micro-batch, ready for :meth:`TrainModules.forward`.
 
+    B images with Q_b questions each; the N = Σ Q_b conversations are the rows.
+
     Attributes:
         images: B (H, W, 3) uint8 RGB images.
-        conversations: B (question, answer) pairs; each answer holds one ``<SEG>``.
+        conversations: N (question, answer) pairs; each answer holds one ``<SEG>``.
+        image_index: (N,) int64, the image of each conversation (non-decreasing).
         features: B (C, g, g) backbone feature tensors (any float dtype, any device).
         masks: B (K_b, H_b, W_b) bool proposal masks at image resolution.
-        iou / iop: (B, K) float32 ground-truth targets, 0 at padded slots.
-        padding: (B, K) bool, True = padded slot; K = max(1, max_b K_b).
+        iou / iop: (N, K) float32 ground-truth targets per conversation, 0 at padded slots.
+        padding: (N, K) bool, True = padded slot; K = max(1, max_b K_b).
     """
 
     images: list[np.ndarray]
     conversations: list[tuple[str, str]]
+    image_index: torch.Tensor
     features: list[torch.Tensor]
     masks: list[np.ndarray]
     iou: torch.Tensor
@@ -68,7 +72,7 @@ class Batch:
 def pad_targets(
     ious: list[np.ndarray], iops: list[np.ndarray], device: torch.device | str = "cpu"
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Stack per-sample (K_b,) targets into (B, K) tensors plus the (B, K) padding mask."""
+    """Stack per-row (K_b,) targets into (N, K) tensors plus the (N, K) padding mask."""
     if len(ious) != len(iops) or not ious:
         raise ValueError(
             f"need equally many, non-zero IoU and IoP target arrays, got {len(ious)} and {len(iops)}"
@@ -164,7 +168,15 @@ class SegTrainModules(nn.Module, abc.ABC):
     def seg_query(
         self, images: list[np.ndarray], conversations: list[tuple[str, str]]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The LM cross-entropy and the (B, hidden) ``<SEG>`` hidden state of each sample.
+        """The LM cross-entropy and the (N, hidden) ``<SEG>`` hidden state of each conversation.
+
+        Args:
+            images: N images, the one of each conversation (repeated for several
+                questions about one image, as LISA / LLM-Seg batch them).
+            conversations: N (question, answer) pairs.
+
+        Returns:
+            The token-mean cross-entropy over all N answers and the (N, hidden) states.
 
         Raises:
             ValueError: an answer does not hold exactly one ``<SEG>``.
@@ -209,6 +221,8 @@ class TrainModules(SegTrainModules):
     Args:
         proposal_fn: the proposal stage for examples whose source has no cache
             (``None`` when every source is cached).
+        ignore_pixels: how ground-truth pixels labelled 255 enter the IoU / IoP targets
+            of uncached examples (``background`` or ``exclude``).
     """
 
     method = "llmseg"
@@ -230,6 +244,7 @@ class TrainModules(SegTrainModules):
         tau: float = 0.05,
         iou_direction: str = "gt_pred",
         proposal_fn: Callable[[np.ndarray], Proposals] | None = None,
+        ignore_pixels: str = "background",
     ) -> None:
         super().__init__(vlm)
         self.projection = projection
@@ -240,6 +255,7 @@ class TrainModules(SegTrainModules):
         self.weights = {"iou": iou_weight, "iop": iop_weight, "lm": lm_weight}
         self.tau = tau
         self.iou_direction = iou_direction
+        self.ignore_pixels = ignore_pixels
 
     def mask_embeddings(
         self, features: list[torch.Tensor], masks: list[np.ndarray]
@@ -265,18 +281,24 @@ class TrainModules(SegTrainModules):
                     raise ValueError(
                         f"example from source {example.source!r} has no cached proposals and no SAM is loaded"
                     )
-                add_targets(example, self.proposal_fn(example.sample.image))
+                add_targets(example, self.proposal_fn(example.image), self.ignore_pixels)
             if example.features is None:
-                features.append(self.embedder.backbone_features(example.sample.image))
+                features.append(self.embedder.backbone_features(example.image))
             else:
                 features.append(torch.from_numpy(example.features).to(device))
-        ious = [e.iou for e in examples]
-        iops = [e.iop for e in examples]
-        assert all(v is not None for v in ious) and all(v is not None for v in iops)
-        iou, iop, padding = pad_targets(ious, iops, device)  # type: ignore[arg-type]
+        ious: list[np.ndarray] = []
+        iops: list[np.ndarray] = []
+        image_index: list[int] = []
+        for b, example in enumerate(examples):
+            assert example.iou is not None and example.iop is not None
+            ious.extend(example.iou)
+            iops.extend(example.iop)
+            image_index.extend([b] * len(example.questions))
+        iou, iop, padding = pad_targets(ious, iops, device)
         return Batch(
-            images=[e.sample.image for e in examples],
-            conversations=[(e.question, e.answer) for e in examples],
+            images=[e.image for e in examples],
+            conversations=[pair for e in examples for pair in e.conversations],
+            image_index=torch.tensor(image_index, dtype=torch.long),
             features=features,
             masks=[e.proposals.masks for e in examples if e.proposals is not None],
             iou=iou,
@@ -288,25 +310,46 @@ class TrainModules(SegTrainModules):
         """Losses of one micro-batch: ``total``, ``lm``, ``iou``, ``iop`` (scalars, float32).
 
         ``total = λ_lm·lm + λ_iou·iou + λ_iop·iop`` (LLM-Seg eq. 4 plus the LM cross-entropy).
+        As in the released code (``model/LISA.py``), ``lm`` is the token mean over all
+        conversations, and ``iou`` / ``iop`` are averaged over each image's questions, then
+        over the images (those with at least one proposal).
         """
-        lm, seg_hidden = self.seg_query(batch.images, batch.conversations)
-        query = self.projection(seg_hidden.to(next(self.projection.parameters()).dtype))  # (B, 256)
-        embeddings, padding = self.mask_embeddings(batch.features, batch.masks)
+        rows = batch.image_index.tolist()
+        lm, seg_hidden = self.seg_query([batch.images[b] for b in rows], batch.conversations)
+        query = self.projection(seg_hidden.to(next(self.projection.parameters()).dtype))  # (N, 256)
+        embeddings, padding = self.mask_embeddings(batch.features, batch.masks)  # (B, K, 256), (B, K)
+        index = batch.image_index.to(embeddings.device)
+        embeddings, padding = embeddings[index], padding[index]  # one row per conversation
         if padding.shape != batch.padding.shape or not torch.equal(padding.cpu(), batch.padding.cpu()):
             raise ValueError("the proposal masks and the IoU/IoP targets disagree on the number of proposals")
         out = self.selector(embeddings, query, padding)
-        losses = llmseg_loss(
-            lm,
-            out.similarity,
-            batch.iou.to(out.similarity.device),
-            out.iop,
-            batch.iop.to(out.iop.device),
-            padding,
-            iou_weight=self.weights["iou"],
-            iop_weight=self.weights["iop"],
-            tau=self.tau,
-            iou_direction=self.iou_direction,
-        )
+        iou_gt = batch.iou.to(out.similarity.device)
+        iop_gt = batch.iop.to(out.iop.device)
+        per_image: dict[str, list[torch.Tensor]] = {"iou": [], "iop": []}
+        for b in range(len(batch.images)):
+            mine = index == b
+            if not mine.any() or bool(padding[mine].all()):
+                continue  # no proposal: nothing to learn for the selector
+            terms = llmseg_loss(
+                lm,
+                out.similarity[mine],
+                iou_gt[mine],
+                out.iop[mine],
+                iop_gt[mine],
+                padding[mine],
+                iou_weight=self.weights["iou"],
+                iop_weight=self.weights["iop"],
+                tau=self.tau,
+                iou_direction=self.iou_direction,
+            )
+            per_image["iou"].append(terms["iou"])
+            per_image["iop"].append(terms["iop"])
+        zero = out.similarity.sum() * 0.0  # keeps the graph when no image has proposals
+        losses = {
+            "lm": lm.float(),
+            "iou": torch.stack(per_image["iou"]).mean() if per_image["iou"] else zero,
+            "iop": torch.stack(per_image["iop"]).mean() if per_image["iop"] else zero,
+        }
         losses["total"] = self.weighted_total(losses, self.weights)
         return losses
 
@@ -319,17 +362,19 @@ class TrainModules(SegTrainModules):
 
 @dataclass
 class LisaBatch:
-    """One LISA micro-batch.
+    """One LISA micro-batch: B images with Q_b questions each, N = Σ Q_b conversations.
 
     Attributes:
         images: B (H, W, 3) uint8 RGB images.
-        conversations: B (question, answer) pairs; each answer holds one ``<SEG>``.
+        conversations: N (question, answer) pairs; each answer holds one ``<SEG>``.
+        image_index: (N,) int64, the image of each conversation.
         encodings: B frozen SAM image encodings (no gradient).
-        gt_masks: B (H_b, W_b) uint8 ground truth (0/1, 255 = ignore) on the device.
+        gt_masks: N (H_b, W_b) uint8 ground truths (0/1, 255 = ignore) on the device.
     """
 
     images: list[np.ndarray]
     conversations: list[tuple[str, str]]
+    image_index: torch.Tensor
     encodings: list[SamImageEncoding]
     gt_masks: list[torch.Tensor]
 
@@ -340,7 +385,9 @@ class LisaTrainModules(SegTrainModules):
     ``head.projection`` (h → h → 256, LISA's ``text_hidden_fcs``) and ``head.mask_decoder``
     (a trainable copy of SAM's) are submodules; SAM's image and prompt encoders stay
     frozen outside this module. Losses (LISA eq. 3): ``λ_lm·lm + λ_bce·bce + λ_dice·dice``
-    with the mask terms averaged over the batch's masks, at each image's resolution.
+    with the mask terms averaged over the batch's masks (every question of every image,
+    as ``model/LISA.py`` divides by ``num_masks``), at each image's resolution.
+    ``ignore_pixels``: how ground-truth pixels labelled 255 enter the mask loss.
     """
 
     method = "lisa"
@@ -356,35 +403,44 @@ class LisaTrainModules(SegTrainModules):
         bce_weight: float = 2.0,
         dice_weight: float = 0.5,
         sam_model_type: str = "vit_h",
+        ignore_pixels: str = "background",
     ) -> None:
         super().__init__(vlm)
         self.head = head
         self.weights = {"lm": lm_weight, "bce": bce_weight, "dice": dice_weight}
         self.sam_model_type = sam_model_type
+        self.ignore_pixels = ignore_pixels
 
     def prepare_batch(self, examples: list[TrainExample], device: torch.device) -> LisaBatch:
         """Encode each image with the frozen SAM image encoder; move the masks to ``device``."""
         from llmseg_ros.models.sam_prompting import encode_image
 
         return LisaBatch(
-            images=[e.sample.image for e in examples],
-            conversations=[(e.question, e.answer) for e in examples],
-            encodings=[encode_image(self.head.sam, e.sample.image) for e in examples],
-            gt_masks=[torch.from_numpy(np.ascontiguousarray(e.sample.mask)).to(device) for e in examples],
+            images=[e.image for e in examples],
+            conversations=[pair for e in examples for pair in e.conversations],
+            image_index=torch.tensor(
+                [b for b, e in enumerate(examples) for _ in e.questions], dtype=torch.long
+            ),
+            encodings=[encode_image(self.head.sam, e.image) for e in examples],
+            gt_masks=[
+                torch.from_numpy(np.ascontiguousarray(t)).to(device) for e in examples for t in e.targets
+            ],
         )
 
     def forward(self, batch: LisaBatch) -> dict[str, torch.Tensor]:
         """Losses of one micro-batch: ``total``, ``lm``, ``bce``, ``dice`` (scalars, float32)."""
         from llmseg_ros.models.losses import lisa_mask_loss
 
-        lm, seg_hidden = self.seg_query(batch.images, batch.conversations)
+        rows = batch.image_index.tolist()
+        lm, seg_hidden = self.seg_query([batch.images[b] for b in rows], batch.conversations)
         bce = dice = torch.zeros((), device=seg_hidden.device)
-        for i, (encoding, gt) in enumerate(zip(batch.encodings, batch.gt_masks)):
-            logits, _ = self.head(encoding, seg_hidden[i : i + 1])  # (1, H, W)
-            terms = lisa_mask_loss(logits, gt[None])
+        for i, (b, gt) in enumerate(zip(rows, batch.gt_masks)):
+            logits, _ = self.head(batch.encodings[b], seg_hidden[i : i + 1])  # (1, H, W)
+            terms = lisa_mask_loss(logits, gt[None], ignore_pixels=self.ignore_pixels)
             bce = bce + terms["bce"]
             dice = dice + terms["dice"]
-        losses = {"lm": lm.float(), "bce": bce / len(batch.gt_masks), "dice": dice / len(batch.gt_masks)}
+        count = len(batch.gt_masks)
+        losses = {"lm": lm.float(), "bce": bce / count, "dice": dice / count}
         losses["total"] = self.weighted_total(losses, self.weights)
         return losses
 
@@ -393,6 +449,53 @@ class LisaTrainModules(SegTrainModules):
 
     def manifest_fields(self) -> dict[str, Any]:
         return {"embed_dim": self.head.sam.prompt_encoder.embed_dim, "sam_model_type": self.sam_model_type}
+
+
+def seg_row_std(vlm: SegVLM) -> float:
+    """σ of a freshly initialised vocabulary row: the language model's ``initializer_range``.
+
+    What transformers' ``_init_weights`` uses for new rows of the input embeddings and the
+    LM head when a resize does not start from the mean (0.02 when the config gives none).
+    """
+    base = vlm.model.get_base_model() if hasattr(vlm.model, "get_base_model") else vlm.model
+    config = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+    return float(getattr(config, "initializer_range", None) or 0.02)
+
+
+def _vocab_weights(module: nn.Module) -> list[torch.Tensor]:
+    """The (vocab, hidden) weight of an embedding / LM head, and of every peft copy of it."""
+    copies: Any = getattr(module, "modules_to_save", None)
+    if copies is None:
+        return [cast(torch.Tensor, module.weight)]
+    original: Any = module.original_module
+    return [original.weight, *(m.weight for m in copies.values())]
+
+
+def init_seg_rows(vlm: SegVLM, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Start the ``<SEG>`` rows of the input embeddings and the LM head as the authors' run did.
+
+    LISA and LLM-Seg add ``[SEG]`` and call ``resize_token_embeddings`` under transformers
+    4.31 / 4.29, which builds the grown matrices and initialises them with the model's
+    ``_init_weights`` — for LLaMA ``normal_(0, initializer_range)`` — before copying the
+    old rows back: the new row of each is an independent N(0, σ²) draw. Here both rows
+    are drawn from a generator seeded with ``seed`` (the same on every process), and
+    written into the base weights and every trainable peft copy of them.
+
+    Returns:
+        The (hidden,) embedding row and the (hidden,) LM-head row now in place.
+    """
+    std = seg_row_std(vlm)
+    generator = torch.Generator().manual_seed(int(seed))
+    embedding, head = vlm.model.get_input_embeddings(), vlm.model.get_output_embeddings()
+    rows = []
+    with torch.no_grad():
+        for module in (embedding, head):
+            weights = _vocab_weights(module)
+            row = torch.randn(weights[0].shape[1], generator=generator, dtype=torch.float32) * std
+            for weight in weights:
+                weight[vlm.seg_token_id] = row.to(weight.device, weight.dtype)
+            rows.append(weights[-1][vlm.seg_token_id].detach().clone())
+    return rows[0], rows[1]
 
 
 def _initial_weights(config: TrainConfig) -> LoadedWeights | None:
@@ -436,7 +539,9 @@ def build_train_modules(
 ) -> SegTrainModules:
     """Load the models of ``config.method`` and return the module holding what it trains.
 
-    The VLM is loaded with a trainable LoRA adapter (from ``init_weights`` when given).
+    The VLM is loaded with a trainable LoRA adapter (from ``init_weights`` when given;
+    otherwise fresh, with the ``<SEG>`` rows started as ``config.seg_init`` says, see
+    :func:`init_seg_rows`).
     LLM-Seg: DINOv2 (frozen) with fresh or initial ``mask_proj``, projection and
     selector; SAM and its proposal generator only when ``need_proposals`` (some source
     has no cache). LISA: SAM (frozen) and a :class:`LisaMaskHead` with fresh or initial
@@ -459,6 +564,8 @@ def build_train_modules(
         lora=config.lora,
         trainable=True,
     )
+    if init is None and config.seg_init == "normal":
+        init_seg_rows(vlm, config.seed)
     if config.gradient_checkpointing:
         vlm.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if init is not None and init.manifest.hidden_size != vlm.hidden_size:
@@ -482,6 +589,7 @@ def build_train_modules(
             bce_weight=config.bce_weight,
             dice_weight=config.dice_weight,
             sam_model_type=config.sam_model_type,
+            ignore_pixels=config.ignore_pixels,
         )
 
     from llmseg_ros.models.embeddings import MaskEmbedder
@@ -517,6 +625,7 @@ def build_train_modules(
         tau=config.tau,
         iou_direction=config.iou_direction,
         proposal_fn=proposal_fn,
+        ignore_pixels=config.ignore_pixels,
     )
 
 

@@ -106,8 +106,10 @@ def atomic_directory(directory: str | Path) -> Iterator[Path]:
 
     The body of the ``with`` block writes into the yielded temporary folder. When it
     finishes, an existing ``directory`` is moved aside, the new one renamed into place and
-    the old one deleted; when it raises, the temporary folder is deleted and
-    ``directory`` is left as it was. Missing parent folders are created.
+    the old one deleted; when it (or the swap) raises, the temporary folder is deleted and
+    ``directory`` is left as it was (moved back if it had been moved aside). A previous
+    version left aside by a process killed in the middle of the swap is moved back first.
+    Missing parent folders are created.
 
         >>> with atomic_directory("weights/") as tmp:
         ...     model.save_pretrained(tmp)
@@ -117,18 +119,24 @@ def atomic_directory(directory: str | Path) -> Iterator[Path]:
     """
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
+    old = directory.with_name(f".{directory.name}.old")
+    if old.is_dir() and not directory.exists():
+        os.replace(old, directory)  # a swap was interrupted after moving the previous version aside
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    moved = False
     try:
         yield tmp
         if directory.exists():
-            old = directory.with_name(f".{directory.name}.old")
             if old.exists():
                 shutil.rmtree(old)
             os.replace(directory, old)
+            moved = True
             publish(tmp, directory, directory=True)
-            shutil.rmtree(old)
+            shutil.rmtree(old, ignore_errors=True)  # the new version is in place either way
         else:
             publish(tmp, directory, directory=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if moved and not directory.exists():
+            os.replace(old, directory)
         raise
