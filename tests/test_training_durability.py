@@ -300,7 +300,7 @@ class _Adapter:
 
         directory.mkdir(parents=True)
         save_file({"w": torch.full((3,), self.value)}, str(directory / "adapter_model.safetensors"))
-        (directory / "adapter_config.json").write_text("{}")
+        (directory / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
 
 
 def test_a_weights_export_failing_at_any_step_leaves_a_complete_one(tmp_path: Path) -> None:
