@@ -30,6 +30,7 @@ INSTALL_REQUIRES = [
 EXTRAS = {
     "test": [
         "pytest>=8",
+        "hypothesis>=6.100",
         "ruff>=0.6",
         "mypy>=1.11",
         "types-PyYAML",
