@@ -116,6 +116,16 @@ def _bounded(call: Any, pixels: int) -> Any:
         assert peak < limit, f"{peak} bytes allocated for a declared size of {pixels} pixels"
 
 
+def _every_sample(dataset: Any, image_size: tuple[int, int]) -> None:
+    """Load each sample of ``dataset``: a mask of the image's size, or a ``ValueError``, in bounded memory."""
+    for k in range(len(dataset)):
+        try:
+            sample = _bounded(lambda k=k: dataset[k], image_size[0] * image_size[1])
+        except ValueError:
+            continue
+        assert sample.mask.shape == image_size
+
+
 def _declared(size: Any) -> int:
     """Pixels of a declared ``[height, width]`` (0 when it is not a size the readers accept)."""
     if not isinstance(size, list) or len(size) != 2:
@@ -413,12 +423,7 @@ def _llmseg40k_samples(data: Any) -> None:
             dataset = LLMSeg40KDataset(root / "split.json")
         except ValueError:
             return
-        for k in range(len(dataset)):
-            try:
-                sample = _bounded(lambda k=k: dataset[k], 5 * 6)
-            except ValueError:
-                continue
-            assert sample.mask.shape == (5, 6)
+        _every_sample(dataset, (5, 6))
 
 
 @FILES
@@ -485,9 +490,4 @@ def test_jsonl_files_give_samples_or_clear_errors(lines: list[Any]) -> None:
             dataset = JsonlDataset(root / "d.jsonl")
         except ValueError:
             return
-        for k in range(len(dataset)):
-            try:
-                sample = _bounded(lambda k=k: dataset[k], 4 * 3)
-            except ValueError:
-                continue
-            assert sample.mask.shape == (4, 3)
+        _every_sample(dataset, (4, 3))

@@ -98,22 +98,19 @@ class _DeadlineHTTPConnection(http.client.HTTPConnection):
         super().__init__(*args, **kwargs)
         self._deadline = deadline
 
-    def connect(self) -> None:
+    def _connect_tcp(self) -> None:
         self.timeout = _shorten(self.timeout, self._deadline)
-        super().connect()
+        http.client.HTTPConnection.connect(self)  # TCP (and a proxy tunnel), nothing more
         self._deadline.watch(self.sock)
 
+    def connect(self) -> None:
+        self._connect_tcp()
 
-class _DeadlineHTTPSConnection(http.client.HTTPSConnection):
-    def __init__(self, *args: Any, deadline: Deadline, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._deadline = deadline
 
+class _DeadlineHTTPSConnection(_DeadlineHTTPConnection, http.client.HTTPSConnection):
     def connect(self) -> None:
         # HTTPSConnection.connect, with the socket watched before the TLS handshake starts.
-        self.timeout = _shorten(self.timeout, self._deadline)
-        http.client.HTTPConnection.connect(self)
-        self._deadline.watch(self.sock)
+        self._connect_tcp()
         server_hostname = getattr(self, "_tunnel_host", None) or self.host
         context = self._context  # type: ignore[attr-defined]
         self.sock = context.wrap_socket(

@@ -22,7 +22,6 @@ complete; a malformed input bag is refused with a ``ValueError`` naming it (see
 from __future__ import annotations
 
 import bisect
-import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +41,7 @@ from llmseg_ros.ros.frames import NS_PER_S, FrameBuffer, format_stamp, frame_fro
 from llmseg_ros.ros.handler import HandlerSettings, RequestHandler, Segmenter
 from llmseg_ros.ros.messages import MessageBuilder, MessageTypes, NumpyArrays
 from llmseg_ros.ros.outputs import build_outputs
-from llmseg_ros.ros.schedule import ReplaySchedule, TimedInstruction
+from llmseg_ros.ros.schedule import ReplaySchedule, TimedInstruction, finite_seconds
 
 # Field lines of msg/Segmentation.msg without comments (a test checks they match the file),
 # so that replay works from a pip install, where msg/ is not shipped.
@@ -194,11 +193,8 @@ def replay_bag(
     input_path, output_path = Path(input_path), Path(output_path)
     if not input_path.exists():
         raise ValueError(f"input bag {input_path} does not exist")
-    for name, value, zero_ok in (("sync_slop_s", sync_slop_s, True), ("timeout_s", timeout_s, False)):
-        number = not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
-        if not number or value < 0 or (value == 0 and not zero_ok):
-            bound = ">= 0" if zero_ok else "> 0"
-            raise ValueError(f"{name} must be a finite number of seconds {bound}, got {value!r}")
+    finite_seconds(sync_slop_s, "sync_slop_s")
+    finite_seconds(timeout_s, "timeout_s", positive=True)
     check_output_path(output_path, input_path, overwrite=overwrite)
     out_storage = storage or detect_storage(input_path)
     if out_storage not in STORAGES:

@@ -102,14 +102,7 @@ class ReplaySchedule:
         if not isinstance(entries, list):
             raise ValueError(f"at must be a list of {{stamp, instruction}} mappings, got {entries!r:.80}")
         at = [_timed_instruction(i, entry) for i, entry in enumerate(entries)]
-        tolerance = data.get("tolerance", 0.02)
-        if (
-            isinstance(tolerance, bool)
-            or not isinstance(tolerance, (int, float))
-            or not math.isfinite(tolerance)
-            or tolerance < 0
-        ):
-            raise ValueError(f"tolerance must be a finite number of seconds >= 0, got {tolerance!r}")
+        tolerance = finite_seconds(data.get("tolerance", 0.02), "tolerance")
         selection = data.get("selection") or {}
         if not isinstance(selection, dict) or set(selection) - {"strategy", "iop_threshold"}:
             raise ValueError(
@@ -177,6 +170,16 @@ class ReplaySchedule:
         return plan, unmatched
 
 
+def finite_seconds(value: Any, name: str, *, positive: bool = False) -> float:
+    """``value`` as seconds: a finite int or float, >= 0 (> 0 with ``positive``); else a ``ValueError`` naming ``name``."""
+    number = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    if not number or value < 0 or (positive and value == 0):
+        raise ValueError(
+            f"{name} must be a finite number of seconds {'> 0' if positive else '>= 0'}, got {value!r}"
+        )
+    return float(value)
+
+
 def _timed_instruction(index: int, entry: Any) -> TimedInstruction:
     where = f"at[{index}]"
     if not isinstance(entry, dict) or set(entry) - {"stamp", "stamp_ns", "instruction"}:
@@ -200,11 +203,5 @@ def _seconds_to_ns(where: str, value: Any) -> int:
         if not sec.isdigit() or (frac and not frac.isdigit()) or len(frac) > 9:
             raise ValueError(f"{where}.stamp string must look like 'sec.nanosec', got {value!r}")
         return int(sec) * NS_PER_S + int(frac.ljust(9, "0") or 0)
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-        or value < 0
-    ):
-        raise ValueError(f"{where}.stamp must be a finite number of seconds >= 0, got {value!r}")
+    finite_seconds(value, f"{where}.stamp")
     return round(float(value) * NS_PER_S) if isinstance(value, float) else int(value) * NS_PER_S
