@@ -377,12 +377,13 @@ def test_staging_folder_of_a_killed_run_is_removed_by_the_next_run(
 
 
 # -- signals and kills (child processes) ---------------------------------------------------------
-def _driver(marker: Path, bag: Path, out: Path, *options: str) -> subprocess.Popen[str]:
+def _driver(marker: Path, bag: Path, out: Path, *, busy: bool = False) -> subprocess.Popen[str]:
+    """``llmseg replay-bag`` in a child process (``--overwrite`` when ``out`` exists)."""
     plan = out.parent / "plan.yaml"
     plan.write_text(PLAN)
-    args = [sys.executable, str(DRIVER), str(marker), *options, "--", str(bag), "--instructions", str(plan),
-            "--out", str(out), "--image-topic", COLOUR, "--depth-topic", DEPTH, "--camera-info-topic", INFO,
-            "--no-progress"]  # fmt: skip
+    args = [sys.executable, str(DRIVER), str(marker), *(["--busy"] if busy else []), "--", str(bag),
+            "--instructions", str(plan), "--out", str(out), "--image-topic", COLOUR, "--depth-topic", DEPTH,
+            "--camera-info-topic", INFO, "--no-progress", *(["--overwrite"] if out.exists() else [])]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -401,7 +402,7 @@ def test_signals_exit_with_the_conventional_code_and_leave_no_output(
     bags: dict[str, Path], tmp_path: Path, sig: signal.Signals, code: int
 ) -> None:
     out, marker = tmp_path / "out", tmp_path / "marker"
-    proc = _driver(marker, bags["sqlite3"], out, "--busy")
+    proc = _driver(marker, bags["sqlite3"], out, busy=True)
     try:
         _wait_for(marker, proc)  # the request worker is now inside native code
         time.sleep(0.3)
@@ -427,7 +428,7 @@ def test_killed_at_random_points_the_next_run_gives_the_identical_bag(
     rng = random.Random(15)
     for attempt in range(3):
         marker.unlink(missing_ok=True)
-        proc = _driver(marker, bag, out, *(["--overwrite"] if out.exists() else []))
+        proc = _driver(marker, bag, out)
         try:
             _wait_for(marker, proc)
             time.sleep(rng.uniform(0.0, 1.5))
@@ -438,7 +439,7 @@ def test_killed_at_random_points_the_next_run_gives_the_identical_bag(
                 proc.kill()
         assert not out.exists() or _contents(out) == expected, attempt  # never a partial bag
     marker.unlink(missing_ok=True)
-    proc = _driver(marker, bag, out, *(["--overwrite"] if out.exists() else []))
+    proc = _driver(marker, bag, out)
     output, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, output
     assert _contents(out) == expected and _leftovers(tmp_path) == []
