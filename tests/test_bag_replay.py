@@ -281,7 +281,14 @@ def test_cli_usage_errors_exit_2_before_loading_models(
             ["--instructions", str(tmp_path / "missing.yaml"), "--out", str(tmp_path / "o")],
             "cannot read the instructions",
         ),
-        (["--instructions", str(plan), "--out", str(bag)], "exists; choose another path or pass --overwrite"),
+        (
+            ["--instructions", str(plan), "--out", str(plan)],
+            "exists; choose another path or pass --overwrite",
+        ),
+        (
+            ["--instructions", str(plan), "--out", str(bag), "--overwrite"],
+            "the output bag must differ from the input",
+        ),
         (
             ["--instructions", str(plan), "--out", str(tmp_path / "o"), "--depth-topic", DEPTH],
             "need --image-topic",

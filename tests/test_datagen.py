@@ -234,7 +234,8 @@ class FakeChatServer:
     one repeats): ``("reply", text)``, ``("status", code, headers[, delay_s])``, ``("raw", code, body)``
     or ``("close",)``. Keys: the caption's file name prefix, else the message text. Unplanned
     keys get an automatic well-formed reply. ``block_after = n`` stalls every successful
-    reply after the n-th until ``release`` is set (then answers 503).
+    reply after the n-th until ``release`` is set (then answers 503); ``reply_delay_s``
+    delays every successful reply.
     """
 
     def __init__(self) -> None:
@@ -247,6 +248,7 @@ class FakeChatServer:
         self.ok = 0
         self.blocked = 0
         self.block_after: int | None = None
+        self.reply_delay_s = 0.0
         self.release = threading.Event()
         self.lock = threading.Lock()
         server = self
@@ -316,6 +318,7 @@ class FakeChatServer:
         if action[0] == "raw":
             self._send(handler, action[1], action[2], {})
             return
+        time.sleep(self.reply_delay_s)
         text = action[1] if action[0] == "reply" else _auto_reply(objects, key)
         usage = {"prompt_tokens": len(prompt.split()), "completion_tokens": len(text.split())}
         with self.lock:

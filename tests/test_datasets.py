@@ -136,7 +136,7 @@ def test_llmseg40k_rle_size_must_match_the_image(tmp_path: Path) -> None:
         tmp_path / "x.json",
         {"a.jpg": {"from_dataset": "coco", "qa_pairs": [qa_pair("q?", "a", mask=np.zeros((3, 4), bool))]}},
     )
-    with pytest.raises(ValueError, match=r"mask shape \(3, 4\) does not match image shape \(4, 4\)"):
+    with pytest.raises(ValueError, match=r"RLE size \[3, 4\] differs from the image's \[4, 4\]"):
         LLMSeg40KDataset(tmp_path / "x.json")[0]
 
 
@@ -262,9 +262,7 @@ def test_jsonl_mask_size_must_match_image(tmp_path: Path) -> None:
     path = write_jsonl(
         tmp_path / "d.jsonl", [{"image": "a.png", "question": "q", "rle": encode_rle(np.zeros((2, 3), bool))}]
     )
-    with pytest.raises(
-        ValueError, match=r"d.jsonl:1: mask shape \(2, 3\) does not match image shape \(2, 2\)"
-    ):
+    with pytest.raises(ValueError, match=r"d.jsonl:1: RLE size \[2, 3\] differs from the image's \[2, 2\]"):
         JsonlDataset(path)[0]
 
 
@@ -322,10 +320,10 @@ def test_sample_dataset_indexing_slicing_and_iteration() -> None:
 
 def test_read_image_and_mask_names_the_sample(tmp_path: Path) -> None:
     image = _image(tmp_path / "i.png", 3, 4, 9)
-    got, mask = read_image_and_mask("s:1", tmp_path / "i.png", lambda: np.ones((3, 4), np.uint8))
+    got, mask = read_image_and_mask("s:1", tmp_path / "i.png", lambda size: np.ones((3, 4), np.uint8))
     np.testing.assert_array_equal(got, image)
     assert mask.shape == (3, 4)
     with pytest.raises(ValueError, match=r"^s:1: image .*missing\.png does not exist"):
-        read_image_and_mask("s:1", tmp_path / "missing.png", lambda: np.ones((3, 4), np.uint8))
+        read_image_and_mask("s:1", tmp_path / "missing.png", lambda size: np.ones((3, 4), np.uint8))
     with pytest.raises(ValueError, match=r"^s:2: mask shape \(2, 2\) does not match image shape \(3, 4\)"):
-        read_image_and_mask("s:2", tmp_path / "i.png", lambda: np.ones((2, 2), np.uint8))
+        read_image_and_mask("s:2", tmp_path / "i.png", lambda size: np.ones((2, 2), np.uint8))

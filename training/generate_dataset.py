@@ -14,8 +14,10 @@ model fall back to ``LLMSEG_LLM_BASE_URL`` / ``OPENAI_BASE_URL`` and ``LLMSEG_LL
 ``OPENAI_MODEL``.
 
 Exit status: 0 when every sampled image is done, 1 when some failed (outputs are still
-written; rerun to retry them), 2 on bad input or when the LLM server refuses the
-credentials, model or URL (401/403/404; finished images stay in the journal).
+written; rerun to retry them), 2 on bad input (annotations, captions, options, an output
+path that cannot be written, a journal of another run) or when the LLM server refuses the
+credentials, model or URL (401/403/404, or a redirect, which is never followed; finished
+images stay in the journal), 130 when interrupted (Ctrl-C; rerun to resume).
 
 Examples::
 
@@ -40,6 +42,8 @@ if __package__ in (None, ""):  # run as a script from a source checkout: make th
 
 from llmseg_ros.datagen.config import (
     CAPTION_PROMPT,
+    DEFAULT_DEADLINE_S,
+    DEFAULT_MAX_REPLY_BYTES,
     FROM_DATASETS,
     CaptionConfig,
     DatagenConfig,
@@ -95,7 +99,24 @@ def build_parser() -> argparse.ArgumentParser:
     llm.add_argument("--llm-base-url", help="OpenAI-compatible API root, e.g. https://api.openai.com/v1")
     llm.add_argument("--llm-model", help="model name sent to the API")
     llm.add_argument("--llm-local", help="hub id or folder of a local causal LM (instead of HTTP)")
-    llm.add_argument("--llm-timeout", type=float, default=120.0, help="seconds per request")
+    llm.add_argument(
+        "--llm-timeout",
+        type=float,
+        default=120.0,
+        help="seconds one socket operation (connect, a read) may take",
+    )
+    llm.add_argument(
+        "--llm-deadline",
+        type=float,
+        default=DEFAULT_DEADLINE_S,
+        help="seconds one chat request may take in all, retries included",
+    )
+    llm.add_argument(
+        "--llm-max-reply-bytes",
+        type=int,
+        default=DEFAULT_MAX_REPLY_BYTES,
+        help="largest reply accepted from the LLM server",
+    )
     llm.add_argument("--max-retries", type=int, default=6)
     llm.add_argument("--retry-base-delay", type=float, default=1.0, help="seconds; doubles per retry")
     llm.add_argument(
@@ -153,6 +174,8 @@ def config_from_args(args: argparse.Namespace) -> DatagenConfig:
             model=args.llm_model,
             local_model=args.llm_local,
             timeout_s=args.llm_timeout,
+            deadline_s=args.llm_deadline,
+            max_reply_bytes=args.llm_max_reply_bytes,
             max_retries=args.max_retries,
             backoff_base_s=args.retry_base_delay,
             backoff_max_s=args.retry_max_delay,
@@ -193,6 +216,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, LLMRequestError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # an output, journal or statistics path that cannot be written
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            "interrupted; finished images are in the journal: run the same command to resume", file=sys.stderr
+        )
+        return 130
     print(format_statistics(result.stats))
     print(f"wrote {config.out} ({len(result.records)} images), statistics {config.stats_path}")
     if result.failures:

@@ -6,14 +6,26 @@
 
 See :mod:`llmseg_ros.ros.bag_replay` for the output topics and :mod:`llmseg_ros.ros.schedule`
 for the instructions file.
+
+Exit codes: 0 every scheduled frame answered; 1 some frames failed (the bag is written);
+2 bad input (arguments, instructions file, unreadable or malformed bag, output path);
+3 model files missing; 130 interrupted (SIGINT), 143 terminated (SIGTERM). Whatever the
+exit, the output bag is complete or not there (an overwritten one is left as it was).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import signal
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from types import FrameType
+from typing import NoReturn
 
 from llmseg_ros.cli.common import (
     EXIT_FAIL,
@@ -57,8 +69,62 @@ def add_replay_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
 
 
+EXIT_INTERRUPTED, EXIT_TERMINATED = 128 + signal.SIGINT, 128 + signal.SIGTERM
+
+
+class _Terminated(BaseException):
+    """Raised in the main thread on SIGTERM, so cleanup runs as it does for Ctrl-C."""
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise _Terminated(signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_now(code: int, message: str) -> NoReturn:
+    """Report and leave at once, skipping interpreter teardown.
+
+    A request worker thread may still be inside the model (native code); tearing the
+    interpreter down under it aborts the process ("terminate called without an active
+    exception") instead of exiting with ``code``. The output bag is already cleaned up.
+    """
+    print(message, file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def run_replay(args: argparse.Namespace) -> int:
-    """Run ``llmseg replay-bag``; returns the exit code (0 ok, 1 some frames failed, 2 usage, 3 weights)."""
+    """Run ``llmseg replay-bag``; returns the exit code (see the module docstring).
+
+    SIGINT and SIGTERM end the process with 130 / 143 after the partial output is removed.
+    """
+    try:
+        with _sigterm_raises():
+            return _run_replay(args)
+    except KeyboardInterrupt:
+        _exit_now(
+            EXIT_INTERRUPTED, f"interrupted: {args.out} is not written (an existing bag is left as it was)"
+        )
+    except _Terminated:
+        _exit_now(
+            EXIT_TERMINATED, f"terminated: {args.out} is not written (an existing bag is left as it was)"
+        )
+
+
+def _run_replay(args: argparse.Namespace) -> int:
+    from llmseg_ros.ros.bag_files import check_output_path, open_bag
     from llmseg_ros.ros.bag_replay import ReplayTopics, replay_bag
     from llmseg_ros.ros.schedule import ReplaySchedule
 
@@ -71,8 +137,9 @@ def run_replay(args: argparse.Namespace) -> int:
             topics = ReplayTopics(args.image_topic, args.depth_topic, args.camera_info_topic)
         if not args.input_bag.exists():
             raise ValueError(f"input bag {args.input_bag} does not exist")
-        if args.out.exists() and not args.overwrite:
-            raise ValueError(f"output bag {args.out} exists; choose another path or pass --overwrite")
+        check_output_path(args.out, args.input_bag, overwrite=args.overwrite)
+        with open_bag(args.input_bag):  # a malformed bag is refused before the models load
+            pass
         config = config_from_args(args)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -61,14 +61,15 @@ class SampleDataset(Sequence[Sample], Generic[EntryT]):
 
 
 def read_image_and_mask(
-    where: str, image_path: Path, read_mask: Callable[[], np.ndarray]
+    where: str, image_path: Path, read_mask: Callable[[tuple[int, int]], np.ndarray]
 ) -> tuple[np.ndarray, np.ndarray]:
     """Read an image and its ground-truth mask, naming ``where`` in every error.
 
     Args:
         where: the sample's location for messages (``file:line``, ``file[key]`` ...).
         image_path: the image file.
-        read_mask: reads the (H, W) uint8 mask (0 / 1 / 255).
+        read_mask: given the image's ``(H, W)``, reads the (H, W) uint8 mask (0 / 1 /
+            255); a mask with a declared size (RLE) is checked against it before decoding.
     Returns:
         (H, W, 3) uint8 RGB image and its (H, W) uint8 mask.
     Raises:
@@ -77,7 +78,7 @@ def read_image_and_mask(
     """
     try:
         image = read_rgb(image_path)
-        mask = read_mask()
+        mask = read_mask((int(image.shape[0]), int(image.shape[1])))
     except (ValueError, TypeError) as exc:
         raise ValueError(f"{where}: {exc}") from exc
     if mask.shape != image.shape[:2]:

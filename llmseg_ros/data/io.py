@@ -8,7 +8,9 @@ temporary file in the destination folder, which then replaces the destination wi
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -20,6 +22,8 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
+    "parse_json",
+    "read_json",
     "read_rgb",
     "read_single_channel",
     "write_image",
@@ -49,3 +53,25 @@ def read_single_channel(path: str | Path) -> np.ndarray:
     if mask.ndim != 2:
         raise ValueError(f"mask {path} must have a single channel, got shape {mask.shape}")
     return mask
+
+
+def parse_json(text: str | bytes, where: str) -> Any:
+    """Parse JSON text; ``ValueError`` starting with ``where`` when it is invalid or nested too deeply."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{where}: invalid JSON: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{where}: not UTF-8 text: {exc}") from exc
+    except RecursionError as exc:
+        raise ValueError(f"{where}: JSON nested too deeply to read") from exc
+
+
+def read_json(path: str | Path, what: str = "JSON file") -> Any:
+    """Read and parse a UTF-8 JSON file; ``ValueError`` naming ``what`` and the file on any failure."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"cannot read {what} {path}: {exc}") from exc
+    return parse_json(raw, f"{what} {path}")

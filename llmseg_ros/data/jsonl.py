@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from llmseg_ros.data.dataset import SampleDataset, read_image_and_mask
-from llmseg_ros.data.io import atomic_write_text, read_single_channel
+from llmseg_ros.data.io import atomic_write_text, parse_json, read_single_channel
 from llmseg_ros.data.rle import decode_rle
 from llmseg_ros.data.sample import IGNORE_VALUE, Sample
 
@@ -128,10 +128,7 @@ def read_jsonl_records(path: str | Path) -> list[JsonlRecord]:
         if not line.strip():
             continue
         where = f"{path}:{number}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{where}: invalid JSON: {exc.msg}") from exc
+        obj = parse_json(line, where)
         fields = _parse_line(obj, where, base)
         image_path: Path = fields["image_path"]
         occurrence = seen_images.get(image_path, 0)
@@ -155,11 +152,11 @@ def read_jsonl_records(path: str | Path) -> list[JsonlRecord]:
     return records
 
 
-def _record_mask(record: JsonlRecord) -> np.ndarray:
+def _record_mask(record: JsonlRecord, image_size: tuple[int, int]) -> np.ndarray:
     if record.mask_path is not None:
         return mask_from_png(record.mask_path)
     assert record.rle is not None
-    return decode_rle(record.rle)
+    return decode_rle(record.rle, expected_size=image_size)
 
 
 class JsonlDataset(SampleDataset[JsonlRecord]):
@@ -176,7 +173,7 @@ class JsonlDataset(SampleDataset[JsonlRecord]):
 
     def load_entry(self, record: JsonlRecord) -> Sample:
         image, mask = read_image_and_mask(
-            f"{self.path}:{record.line}", record.image_path, lambda: _record_mask(record)
+            f"{self.path}:{record.line}", record.image_path, lambda size: _record_mask(record, size)
         )
         return Sample(
             image=image,

@@ -16,7 +16,6 @@ id ``{image stem}_{question index}``; questions are sentences (``is_sentence`` T
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +23,9 @@ from typing import Any
 
 import numpy as np
 
+from llmseg_ros.data.checks import check_file_name
 from llmseg_ros.data.dataset import SampleDataset, read_image_and_mask
-from llmseg_ros.data.io import atomic_write_json, read_single_channel
+from llmseg_ros.data.io import atomic_write_json, read_json, read_single_channel
 from llmseg_ros.data.rle import decode_rle, encode_rle
 from llmseg_ros.data.sample import Sample
 
@@ -56,9 +56,8 @@ def validate_llmseg40k(data: Any, where: str = "LLM-Seg40K data") -> None:
     if not isinstance(data, Mapping):
         raise ValueError(f"{where}: expected an object keyed by image file name, got {type(data).__name__}")
     for image_name, entry in data.items():
-        here = f"{where}[{image_name!r}]"
-        if not isinstance(image_name, str) or not image_name:
-            raise ValueError(f"{where}: keys must be image file names, got {image_name!r}")
+        here = f"{where}[{image_name!r:.80}]"
+        check_file_name(image_name, f"{where}: key")
         if not isinstance(entry, Mapping):
             raise ValueError(f"{here}: expected an object, got {type(entry).__name__}")
         source = entry.get("from_dataset")
@@ -117,9 +116,9 @@ class LLMSeg40KEntry:
     mask_path: Path | None
 
 
-def _entry_mask(entry: LLMSeg40KEntry) -> np.ndarray:
+def _entry_mask(entry: LLMSeg40KEntry, image_size: tuple[int, int]) -> np.ndarray:
     if entry.rle is not None:
-        return decode_rle(entry.rle)
+        return decode_rle(entry.rle, expected_size=image_size)
     assert entry.mask_path is not None
     return (read_single_channel(entry.mask_path) > 0).astype(np.uint8)
 
@@ -143,12 +142,7 @@ class LLMSeg40KDataset(SampleDataset[LLMSeg40KEntry]):
         mask_root: str | Path | None = None,
     ) -> None:
         self.json_path = Path(json_path)
-        try:
-            data = json.loads(self.json_path.read_text(encoding="utf-8"))
-        except OSError as exc:
-            raise ValueError(f"cannot read LLM-Seg40K file {self.json_path}: {exc}") from exc
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{self.json_path}: invalid JSON: {exc}") from exc
+        data = read_json(self.json_path, "LLM-Seg40K file")
         validate_llmseg40k(data, str(self.json_path))
         base = self.json_path.parent
         roots: dict[str, Path] | Path
@@ -195,7 +189,7 @@ class LLMSeg40KDataset(SampleDataset[LLMSeg40KEntry]):
 
     def load_entry(self, entry: LLMSeg40KEntry) -> Sample:
         where = f"{self.json_path}[{entry.image_name!r}].qa_pairs[{entry.qa_index}]"
-        image, mask = read_image_and_mask(where, entry.image_path, lambda: _entry_mask(entry))
+        image, mask = read_image_and_mask(where, entry.image_path, lambda size: _entry_mask(entry, size))
         return Sample(
             image=image,
             instruction=entry.question,

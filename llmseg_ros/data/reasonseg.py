@@ -8,7 +8,6 @@ query) and ``shapes`` ([{label, points}], points as [x, y] pixels).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,8 +16,9 @@ from typing import Any
 import cv2
 import numpy as np
 
+from llmseg_ros.data.checks import check_image_size, clip_to_image_margin, polygon_points
 from llmseg_ros.data.dataset import SampleDataset
-from llmseg_ros.data.io import read_rgb
+from llmseg_ros.data.io import parse_json, read_rgb
 from llmseg_ros.data.sample import IGNORE_VALUE, Sample
 
 REASONSEG_SPLITS = ("train", "val", "test")
@@ -26,23 +26,18 @@ QUERY_TYPES = ("all", "short", "long")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
-def _shape_points(shape: Any, index: int) -> np.ndarray:
+def _shape_points(shape: Any, index: int, height: int, width: int) -> np.ndarray:
     if not isinstance(shape, Mapping):
         raise ValueError(
             f"shape {index} must be an object with 'label' and 'points', got {type(shape).__name__}"
         )
-    points = shape.get("points")
-    try:
-        array = np.asarray(points, dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"shape {index} points must be a list of [x, y] numbers, got {points!r}") from exc
-    if array.ndim != 2 or array.shape[1] != 2 or array.shape[0] == 0:
-        raise ValueError(
-            f"shape {index} points must be a non-empty list of [x, y] pairs, got shape {array.shape}"
-        )
-    if not np.isfinite(array).all():
-        raise ValueError(f"shape {index} points must be finite numbers")
-    return array.astype(np.int32)  # truncation toward zero, as the reference reader does
+    points = polygon_points(shape.get("points"), f"shape {index} points")
+    if len(points) == 0:
+        raise ValueError(f"shape {index} points must be a non-empty list of [x, y] pairs, got none")
+    # Points far outside the image are clipped first (their int32 cast would wrap and
+    # OpenCV's fill time grows with the extent); the rest truncate toward zero, as the
+    # reference reader does.
+    return clip_to_image_margin(points, height, width).astype(np.int32)
 
 
 def _draw(canvas: np.ndarray, points: np.ndarray, value: int) -> None:
@@ -59,7 +54,10 @@ def mask_from_labelme(annotation: Mapping[str, Any], height: int, width: int) ->
     are drawn largest area first, so smaller ones overwrite larger ones where they overlap;
     each is drawn as ``fillPoly`` plus a 1-px closed outline with value 255 when its
     lower-cased label contains ``"ignore"``, else 1. Equal areas are drawn in reverse file
-    order (the reference reverses an ascending sort).
+    order (the reference reverses an ascending sort). Coordinates must be finite; a
+    polygon reaching more than :data:`llmseg_ros.data.checks.CLIP_MARGIN` pixels outside
+    the image is clipped to that box before the truncation (only such polygons differ
+    from the reference, whose int32 cast would wrap them).
 
     Args:
         annotation: the parsed JSON; only ``shapes`` is read.
@@ -69,8 +67,7 @@ def mask_from_labelme(annotation: Mapping[str, Any], height: int, width: int) ->
     Returns:
         (height, width) uint8 with values 0 (background), 1 (target), 255 (ignore).
     """
-    if height < 1 or width < 1:
-        raise ValueError(f"height and width must be positive, got {height}x{width}")
+    height, width = check_image_size(height, width, "ReasonSeg mask")
     if not isinstance(annotation, Mapping):
         raise TypeError(f"annotation must be a mapping, got {type(annotation).__name__}")
     shapes = annotation.get("shapes")
@@ -79,11 +76,11 @@ def mask_from_labelme(annotation: Mapping[str, Any], height: int, width: int) ->
     polygons: list[tuple[np.ndarray, int]] = []
     areas: list[int] = []
     for index, shape in enumerate(shapes):
-        points = _shape_points(shape, index)
+        points = _shape_points(shape, index, height, width)
         label = shape.get("label")
         if not isinstance(label, str):
             raise ValueError(f"shape {index} label must be a string, got {label!r}")
-        if label.lower() == "flag":
+        if label.lower() == "flag" or len(points) == 0:  # flags, and polygons clipped away entirely
             continue
         scratch = np.zeros((height, width), dtype=np.uint8)
         _draw(scratch, points, 1)
@@ -100,15 +97,18 @@ def mask_from_labelme(annotation: Mapping[str, Any], height: int, width: int) ->
 def read_annotation(path: str | Path) -> dict[str, Any]:
     """Parse a ReasonSeg JSON file (UTF-8, falling back to cp1252 like the reference reader)."""
     path = Path(path)
-    raw = path.read_bytes()
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"cannot read ReasonSeg annotation {path}: {exc}") from exc
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
-        text = raw.decode("cp1252")
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: invalid JSON: {exc}") from exc
+        try:
+            text = raw.decode("cp1252")
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{path}: neither UTF-8 nor cp1252 text: {exc}") from exc
+    data = parse_json(text, str(path))
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data

@@ -8,7 +8,6 @@ JSON object ``{image file name: description}`` made elsewhere.
 
 from __future__ import annotations
 
-import json
 import threading
 from collections.abc import Mapping
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from llmseg_ros.data.io import read_json
 from llmseg_ros.datagen.config import CAPTION_PROMPT, CaptionConfig
 
 
@@ -28,10 +28,7 @@ class CaptionSource(Protocol):
 def load_captions(path: str | Path) -> dict[str, str]:
     """Read ``{file name: description}`` from a JSON file; ``ValueError`` on anything else."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ValueError(f"cannot read captions file {path}: {exc}") from exc
+    data = read_json(path, "captions file")
     if not isinstance(data, dict):
         raise ValueError(
             f"captions file {path} must hold a JSON object of file name → text, got {type(data).__name__}"

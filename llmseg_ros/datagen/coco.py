@@ -8,7 +8,6 @@ number of distinct categories and drawn with a seeded RNG (LLM-Seg paper, sectio
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 from collections.abc import Mapping, Sequence
@@ -17,8 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pycocotools import mask as mask_utils
 
+from llmseg_ros.data.checks import check_file_name, check_image_size, integer_value
+from llmseg_ros.data.io import read_json
+from llmseg_ros.data.rle import decode_rle, mask_from_polygons
 from llmseg_ros.datagen.config import SamplingConfig
 
 LOGGER = logging.getLogger(__name__)
@@ -75,28 +76,36 @@ class SampledImages:
         return [("simple", im) for im in self.simple] + [("complex", im) for im in self.complex]
 
 
+def _record(value: Any, what: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{what} must be a JSON object, got {type(value).__name__}: {value!r:.60}")
+    return value
+
+
 def _int_field(record: Mapping[str, Any], key: str, what: str) -> int:
-    value = record.get(key)
-    if isinstance(value, bool) or not isinstance(value, int | float) or int(value) != value:
-        raise ValueError(f"{what} field {key!r} must be an integer, got {value!r}")
-    return int(value)
+    return integer_value(record.get(key), f"{what} field {key!r}")
 
 
-def _file_name(image: Mapping[str, Any]) -> str:
+def _file_name(image: Mapping[str, Any], what: str) -> str:
     name = image.get("file_name")
     if not name:
         url = image.get("coco_url") or image.get("url")
-        if not url:
-            raise ValueError(f"image {image.get('id')!r} has neither 'file_name' nor 'coco_url'")
-        name = str(url).rstrip("/").rsplit("/", 1)[-1]
-    return Path(str(name)).name
+        if not url or not isinstance(url, str):
+            raise ValueError(f"{what} has neither 'file_name' nor 'coco_url'")
+        name = url.rstrip("/").rsplit("/", 1)[-1]
+    if not isinstance(name, str):
+        raise ValueError(f"{what} 'file_name' must be a string, got {name!r:.60}")
+    return check_file_name(Path(name).name, what)
 
 
 class InstanceIndex:
     """Index over one COCO/LVIS instance JSON.
 
     Build with :meth:`from_file` or :meth:`from_dict`. All masks are ``(H, W)`` bool in
-    image pixel coordinates (row = y, column = x).
+    image pixel coordinates (row = y, column = x). Declared image sizes are validated and
+    capped when the index is built (:func:`llmseg_ros.data.checks.check_image_size`);
+    segmentations are validated when a mask is drawn, and every error names ``source``
+    and the annotation.
     """
 
     def __init__(
@@ -104,65 +113,77 @@ class InstanceIndex:
         categories: Mapping[int, Category],
         images: Mapping[int, ImageEntry],
         annotations: Mapping[int, Sequence[Mapping[str, Any]]],
+        source: str = "instance annotations",
     ) -> None:
         self.categories = dict(categories)
         self.images = dict(images)
+        self.source = source
         self._annotations = {k: list(v) for k, v in annotations.items()}
         self._by_file = {im.file_name: im for im in self.images.values()}
 
     @classmethod
     def from_file(cls, path: str | Path) -> InstanceIndex:
-        """Read an instance JSON file; ``ValueError`` when unreadable or malformed."""
+        """Read an instance JSON file; ``ValueError`` naming the file when unreadable or malformed."""
         path = Path(path)
-        try:
-            with path.open("r", encoding="utf-8") as fh:
-                data = json.load(fh)
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ValueError(f"cannot read instance annotations {path}: {exc}") from exc
-        return cls.from_dict(data)
+        return cls.from_dict(read_json(path, "instance annotations"), source=str(path))
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> InstanceIndex:
-        """Index a parsed instance JSON (``images``, ``annotations``, ``categories`` lists)."""
+    def from_dict(cls, data: Any, source: str = "instance annotations") -> InstanceIndex:
+        """Index a parsed instance JSON (``images``, ``annotations``, ``categories`` lists).
+
+        Raises:
+            ValueError: anything malformed, with ``source`` and the record in the message.
+        """
         if not isinstance(data, Mapping):
-            raise TypeError(f"instance annotations must be a JSON object, got {type(data).__name__}")
+            raise ValueError(
+                f"{source}: instance annotations must be a JSON object with 'images', 'annotations' and "
+                f"'categories', got a JSON {type(data).__name__}"
+            )
         for key in ("images", "annotations", "categories"):
             if not isinstance(data.get(key), list):
-                raise ValueError(f"instance annotations need a list under {key!r}, got {data.get(key)!r:.60}")
+                raise ValueError(
+                    f"{source}: instance annotations need a list under {key!r}, got {data.get(key)!r:.60}"
+                )
         categories: dict[int, Category] = {}
-        for cat in data["categories"]:
-            cid = _int_field(cat, "id", "category")
+        for k, raw in enumerate(data["categories"]):
+            cat = _record(raw, f"{source}: categories[{k}]")
+            cid = _int_field(cat, "id", f"{source}: category")
             name = cat.get("name")
             if not isinstance(name, str) or not name.strip():
-                raise ValueError(f"category {cid} needs a non-empty string 'name', got {name!r}")
-            synonyms = tuple(str(s) for s in cat.get("synonyms") or () if str(s).strip())
-            categories[cid] = Category(cid, name, synonyms)
+                raise ValueError(
+                    f"{source}: category {cid} needs a non-empty string 'name', got {name!r:.60}"
+                )
+            synonyms = cat.get("synonyms") or ()
+            if not isinstance(synonyms, list | tuple):
+                raise ValueError(f"{source}: category {cid} 'synonyms' must be a list, got {synonyms!r:.60}")
+            categories[cid] = Category(cid, name, tuple(str(s) for s in synonyms if str(s).strip()))
         sizes: dict[int, tuple[str, int, int]] = {}
-        for image in data["images"]:
-            iid = _int_field(image, "id", "image")
-            sizes[iid] = (
-                _file_name(image),
-                _int_field(image, "height", "image"),
-                _int_field(image, "width", "image"),
-            )
+        for k, raw in enumerate(data["images"]):
+            image = _record(raw, f"{source}: images[{k}]")
+            iid = _int_field(image, "id", f"{source}: image")
+            what = f"{source}: image {iid}"
+            height, width = check_image_size(image.get("height"), image.get("width"), what)
+            sizes[iid] = (_file_name(image, what), height, width)
         per_image: dict[int, list[Mapping[str, Any]]] = {iid: [] for iid in sizes}
-        for ann in data["annotations"]:
-            iid = _int_field(ann, "image_id", "annotation")
-            cid = _int_field(ann, "category_id", "annotation")
+        for k, raw in enumerate(data["annotations"]):
+            ann = _record(raw, f"{source}: annotations[{k}]")
+            what = f"{source}: annotation {ann.get('id')!r:.40}"
+            iid = _int_field(ann, "image_id", what)
+            cid = _int_field(ann, "category_id", what)
             if iid not in sizes:
-                raise ValueError(f"annotation {ann.get('id')!r} refers to unknown image_id {iid}")
+                raise ValueError(f"{what} refers to unknown image_id {iid}")
             if cid not in categories:
-                raise ValueError(f"annotation {ann.get('id')!r} refers to unknown category_id {cid}")
+                raise ValueError(f"{what} refers to unknown category_id {cid}")
             per_image[iid].append(ann)
         images: dict[int, ImageEntry] = {}
         seen: dict[str, int] = {}
         for iid, (name, height, width) in sizes.items():
             if name in seen:
-                raise ValueError(f"images {seen[name]} and {iid} share the file name {name!r}")
+                raise ValueError(f"{source}: images {seen[name]} and {iid} share the file name {name!r}")
             seen[name] = iid
-            cat_ids = tuple(dict.fromkeys(int(a["category_id"]) for a in per_image[iid]))
+            cat_ids = tuple(dict.fromkeys(_int_field(a, "category_id", "annotation") for a in per_image[iid]))
             images[iid] = ImageEntry(iid, name, height, width, cat_ids)
-        return cls(categories, images, per_image)
+        return cls(categories, images, per_image, source)
 
     def image_by_file_name(self, file_name: str) -> ImageEntry:
         try:
@@ -175,13 +196,20 @@ class InstanceIndex:
         return [self.categories[c].name for c in image.category_ids]
 
     def category_mask(self, image: ImageEntry, category_id: int) -> np.ndarray:
-        """Union of every instance of ``category_id`` in ``image``: ``(H, W)`` bool."""
+        """Union of every instance of ``category_id`` in ``image``: ``(H, W)`` bool.
+
+        Raises:
+            ValueError: a malformed segmentation, naming the file, the image and the annotation.
+        """
         if category_id not in image.category_ids:
             raise ValueError(f"category {category_id} is not annotated in image {image.file_name!r}")
         mask = np.zeros((image.height, image.width), dtype=bool)
         for ann in self._annotations[image.id]:
-            if int(ann["category_id"]) == category_id:
-                mask |= annotation_mask(ann, image.height, image.width)
+            if _int_field(ann, "category_id", "annotation") == category_id:
+                try:
+                    mask |= annotation_mask(ann, image.height, image.width)
+                except (ValueError, TypeError) as exc:
+                    raise ValueError(f"{self.source}: image {image.file_name!r}: {exc}") from exc
         return mask
 
 
@@ -189,38 +217,24 @@ def annotation_mask(ann: Mapping[str, Any], height: int, width: int) -> np.ndarr
     """Decode one annotation's ``segmentation`` to an ``(height, width)`` bool mask.
 
     Accepts polygons (list of flat ``[x0, y0, x1, y1, …]`` lists in pixels), uncompressed
-    RLE (``counts`` a list of ints) and compressed RLE (``counts`` a string).
+    RLE (``counts`` a list of ints) and compressed RLE (``counts`` a string), validated
+    as :func:`llmseg_ros.data.rle.mask_from_polygons` and :func:`llmseg_ros.data.rle.decode_rle` say.
+
+    Raises:
+        ValueError: a malformed segmentation; the message names the annotation id.
     """
+    what = f"annotation {ann.get('id')!r:.40}"
     seg = ann.get("segmentation")
-    if isinstance(seg, list):
-        polygons = []
-        for poly in seg:
-            if not isinstance(poly, list) or len(poly) % 2:
-                raise ValueError(
-                    f"annotation {ann.get('id')!r}: a polygon must be a flat list of x, y pairs, got {poly!r:.60}"
-                )
-            if len(poly) >= 6:  # fewer than 3 points has no area
-                polygons.append([float(v) for v in poly])
-        if not polygons:
-            return np.zeros((height, width), dtype=bool)
-        rle = mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
-    elif isinstance(seg, Mapping) and "counts" in seg and "size" in seg:
-        if [int(v) for v in seg["size"]] != [height, width]:
-            raise ValueError(
-                f"annotation {ann.get('id')!r}: RLE size {list(seg['size'])} differs from the image's "
-                f"{[height, width]}"
-            )
-        if isinstance(seg["counts"], list):
-            rle = mask_utils.frPyObjects(dict(seg), height, width)
-        else:
-            counts = seg["counts"]
-            rle = {"size": [height, width], "counts": counts.encode() if isinstance(counts, str) else counts}
-    else:
-        raise ValueError(
-            f"annotation {ann.get('id')!r} has no polygon or RLE 'segmentation' (got {seg!r:.60}); "
-            "box-only datasets need masks first"
-        )
-    return np.asarray(mask_utils.decode(rle), dtype=bool)
+    try:
+        if isinstance(seg, list):
+            return mask_from_polygons(seg, height, width)
+        if isinstance(seg, Mapping) and "counts" in seg and "size" in seg:
+            return decode_rle(seg, expected_size=(height, width)).astype(bool)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{what}: {exc}") from exc
+    raise ValueError(
+        f"{what} has no polygon or RLE 'segmentation' (got {seg!r:.60}); box-only datasets need masks first"
+    )
 
 
 def image_group(image: ImageEntry, config: SamplingConfig) -> str | None:

@@ -7,12 +7,24 @@ field and the bad value. The CLI (``training/generate_dataset.py``) builds a
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 FROM_DATASETS = ("coco", "ego_objects")
 
 CAPTION_PROMPT = "Describe what this image shows in at most ten sentences."
+DEFAULT_DEADLINE_S = 600.0
+DEFAULT_MAX_REPLY_BYTES = 8 << 20  # a 1024-token completion is a few KiB
+
+
+def _check_seconds(name: str, value: float) -> None:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not (math.isfinite(value) and value > 0)
+    ):
+        raise ValueError(f"{name} must be a finite number of seconds > 0, got {value!r}")
 
 
 def _check_positive(name: str, value: float, minimum: float = 1) -> None:
@@ -95,7 +107,10 @@ class LLMConfig:
     or a local transformers causal LM (``local_model``).
 
     Attributes:
-        timeout_s: per-request socket timeout (seconds).
+        timeout_s: limit of one socket operation of a request (connect, one read; seconds).
+        deadline_s: wall-clock limit of one chat request, retries and backoff waits
+            included (seconds); a reply still trickling in then is abandoned.
+        max_reply_bytes: largest reply body read; a larger one fails the request.
         max_retries: retries after the first attempt on 429, 5xx and connection errors.
         backoff_base_s, backoff_max_s: exponential backoff ``base·2^attempt`` capped at
             ``max``, with jitter; a ``Retry-After`` header overrides it (capped at ``max``).
@@ -109,6 +124,8 @@ class LLMConfig:
     api_key: str | None = None
     local_model: str | None = None
     timeout_s: float = 120.0
+    deadline_s: float = DEFAULT_DEADLINE_S
+    max_reply_bytes: int = DEFAULT_MAX_REPLY_BYTES
     max_retries: int = 6
     backoff_base_s: float = 1.0
     backoff_max_s: float = 60.0
@@ -124,8 +141,14 @@ class LLMConfig:
             raise ValueError(
                 f"set either local_model ({self.local_model!r}) or base_url ({self.base_url!r}), not both"
             )
-        if self.timeout_s <= 0:
-            raise ValueError(f"timeout_s must be > 0, got {self.timeout_s!r}")
+        _check_seconds("timeout_s", self.timeout_s)
+        _check_seconds("deadline_s", self.deadline_s)
+        if (
+            isinstance(self.max_reply_bytes, bool)
+            or not isinstance(self.max_reply_bytes, int)
+            or self.max_reply_bytes < 1
+        ):
+            raise ValueError(f"max_reply_bytes must be an integer >= 1, got {self.max_reply_bytes!r}")
         _check_positive("max_retries", self.max_retries, 0)
         if self.backoff_base_s < 0 or self.backoff_max_s < self.backoff_base_s:
             raise ValueError(

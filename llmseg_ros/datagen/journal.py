@@ -44,10 +44,27 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _check_image_record(record: Any, path: Path, number: int) -> str:
+    """The file name of a well-formed image line; ``ValueError`` naming the line otherwise."""
+    if (
+        not isinstance(record, dict)
+        or record.get("kind") != "image"
+        or not isinstance(record.get("file_name"), str)
+    ):
+        raise ValueError(
+            f"journal {path} line {number} is not an image record: {record!r:.120}; "
+            "use another output path or delete the journal to start over"
+        )
+    return str(record["file_name"])
+
+
 class Journal:
     """Append-only record of finished images.
 
     Use :meth:`open`; ``entries`` maps file name → the logged entry (first one wins).
+    A failed append is rolled back (the file is cut to its previous length); when even
+    that fails, the journal refuses further appends, so a torn line can only ever be the
+    last one, which the next :meth:`open` drops.
     """
 
     def __init__(self, path: Path, header: dict[str, Any], entries: dict[str, dict[str, Any]]) -> None:
@@ -55,14 +72,16 @@ class Journal:
         self.header = header
         self.entries = entries
         self._lock = threading.Lock()
+        self._broken: str | None = None
 
     @classmethod
     def open(cls, path: str | Path, digest: str, meta: Mapping[str, Any] | None = None) -> Journal:
         """Open (or create) the journal of the sample identified by ``digest``.
 
         Raises:
-            ValueError: the file belongs to another sample, or a line before the last one
-                is not valid JSON.
+            ValueError: the file belongs to another sample or journal version, or a line
+                before the last one is not a valid record (the file was not written by a
+                crash of this generator but edited or corrupted).
         """
         path = Path(path)
         header = {"kind": "header", "version": JOURNAL_VERSION, "sample_digest": digest, **dict(meta or {})}
@@ -81,7 +100,7 @@ class Journal:
                 fh.flush()
                 os.fsync(fh.fileno())
             data = data[:cut]
-        lines = data.decode("utf-8").splitlines()
+        lines = data.split(b"\n")[:-1] if data else []
         if not lines:
             journal = cls(path, header, {})
             journal._append_line(header)
@@ -89,39 +108,60 @@ class Journal:
         records = []
         for number, line in enumerate(lines, start=1):
             try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"journal {path} line {number} is not valid JSON: {exc}") from exc
+                records.append(json.loads(line.decode("utf-8")))
+            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+                raise ValueError(
+                    f"journal {path} line {number} is not valid JSON ({exc}); it was not cut short by a crash "
+                    "but corrupted: use another output path or delete the journal to start over"
+                ) from exc
         found = records[0]
-        if found.get("kind") != "header" or found.get("sample_digest") != digest:
+        if not isinstance(found, dict) or found.get("kind") != "header":
+            raise ValueError(f"journal {path} does not start with a header line: {found!r:.120}")
+        if found.get("version") != JOURNAL_VERSION:
+            raise ValueError(
+                f"journal {path} has version {found.get('version')!r}, this generator writes {JOURNAL_VERSION}; "
+                "use another output path or delete the journal to start over"
+            )
+        if found.get("sample_digest") != digest:
             raise ValueError(
                 f"journal {path} was written for a different sample (digest {found.get('sample_digest')!r}, "
                 f"this run {digest!r}); use another output path or delete the journal to start over"
             )
         entries: dict[str, dict[str, Any]] = {}
-        for record in records[1:]:
-            name = record.get("file_name")
-            if record.get("kind") != "image" or not isinstance(name, str):
-                raise ValueError(
-                    f"journal {path} holds an entry that is not an image record: {record!r:.120}"
-                )
-            entries.setdefault(name, record)
+        for number, record in enumerate(records[1:], start=2):
+            entries.setdefault(_check_image_record(record, path, number), record)
         return cls(path, found, entries)
 
     def _append_line(self, record: Mapping[str, Any]) -> None:
+        if self._broken is not None:
+            raise OSError(f"journal {self.path} refuses appends after a failed write: {self._broken}")
         line = (json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8")
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
-            view = memoryview(line)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
-            os.fsync(fd)
+            start = os.fstat(fd).st_size
+            try:
+                view = memoryview(line)
+                while view:
+                    written = os.write(fd, view)
+                    view = view[written:]
+                os.fsync(fd)
+            except BaseException as exc:
+                try:  # take the partial line back, so later lines never follow a torn one
+                    os.ftruncate(fd, start)
+                    os.fsync(fd)
+                except OSError as undo:
+                    self._broken = f"{exc!r}, then {undo!r} while rolling back"
+                raise
         finally:
             os.close(fd)
 
     def append(self, entry: Mapping[str, Any]) -> None:
-        """Log one finished image (``entry["file_name"]`` required); duplicates are refused."""
+        """Log one finished image (``entry["file_name"]`` required); duplicates are refused.
+
+        Raises:
+            ValueError: no file name, or an image already logged.
+            OSError: the line could not be written (nothing of it is left in the file).
+        """
         name = entry.get("file_name")
         if not isinstance(name, str):
             raise ValueError(f"journal entry needs a 'file_name' string, got {name!r}")

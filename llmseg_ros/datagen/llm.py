@@ -3,9 +3,11 @@
 Two backends share the :class:`ChatClient` interface (``complete(messages) -> ChatResult``):
 
 * :class:`OpenAIChatClient` — any OpenAI-compatible ``POST {base_url}/chat/completions``
-  endpoint over plain HTTP (stdlib ``urllib``). Retries 408/409/429/5xx, connection errors,
-  timeouts and unreadable bodies with exponential backoff and jitter, honouring
-  ``Retry-After``; other HTTP errors fail at once.
+  endpoint over plain HTTP (stdlib ``urllib``, see :mod:`llmseg_ros.datagen.http`). Retries
+  408/409/429/5xx, connection errors, timeouts and unreadable bodies with exponential
+  backoff and jitter, honouring ``Retry-After``; other HTTP errors fail at once. Each
+  request has a total deadline (retries and waits included) and a reply size limit, and
+  redirects are refused, so the API key is only ever sent to the configured URL.
 * :class:`llmseg_ros.datagen.local_llm.TransformersChatClient` — a local
   ``AutoModelForCausalLM`` with its tokenizer's chat template (torch/transformers loaded
   only when it is used).
@@ -20,6 +22,7 @@ import email.utils
 import http.client
 import json
 import logging
+import math
 import os
 import random
 import threading
@@ -31,14 +34,17 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Protocol
 
-from llmseg_ros.datagen.config import LLMConfig
+from llmseg_ros.datagen.config import DEFAULT_DEADLINE_S, DEFAULT_MAX_REPLY_BYTES, LLMConfig
+from llmseg_ros.datagen.http import Deadline, DeadlineExceeded, ReplyTooLarge, post
 
 LOGGER = logging.getLogger(__name__)
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 DEFAULT_MODEL = "gpt-4"
 RETRY_STATUSES = frozenset({408, 409, 429}) | frozenset(range(500, 600))
-FATAL_STATUSES = frozenset({401, 403, 404})  # wrong credentials, model or URL: no request can succeed
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+# wrong credentials, model or URL (a redirect is a URL to fix: it is never followed): no request can succeed
+FATAL_STATUSES = frozenset({401, 403, 404}) | REDIRECT_STATUSES
 ENV_BASE_URL = ("LLMSEG_LLM_BASE_URL", "OPENAI_BASE_URL", "OPENAI_API_BASE")
 ENV_API_KEY = ("LLMSEG_LLM_API_KEY", "OPENAI_API_KEY")
 ENV_MODEL = ("LLMSEG_LLM_MODEL", "OPENAI_MODEL")
@@ -220,7 +226,10 @@ class OpenAIChatClient:
         base_url: API root including the version, e.g. ``https://api.openai.com/v1``.
         model: model name sent in the request body.
         api_key: sent as ``Authorization: Bearer …`` when given.
-        timeout_s: socket timeout per attempt (seconds).
+        timeout_s: limit of one socket operation (connect, one read) in seconds.
+        deadline_s: wall-clock limit of one :meth:`complete` call, every attempt and
+            backoff wait included (seconds); a reply still arriving then is abandoned.
+        max_reply_bytes: largest reply body read; a larger one fails the request.
         max_retries: retries after the first attempt.
         backoff_base_s, backoff_max_s: retry ``k`` (0-based) waits
             ``min(max, base·2^k)·U(0.5, 1)`` seconds, or ``min(max, Retry-After)`` when the
@@ -238,6 +247,8 @@ class OpenAIChatClient:
         api_key: str | None = None,
         *,
         timeout_s: float = 120.0,
+        deadline_s: float = DEFAULT_DEADLINE_S,
+        max_reply_bytes: int = DEFAULT_MAX_REPLY_BYTES,
         max_retries: int = 6,
         backoff_base_s: float = 1.0,
         backoff_max_s: float = 60.0,
@@ -250,10 +261,17 @@ class OpenAIChatClient:
             raise ValueError(f"base_url must start with http:// or https://, got {base_url!r}")
         if not model:
             raise ValueError("model must be a non-empty model name")
+        for name, value in (("timeout_s", timeout_s), ("deadline_s", deadline_s)):
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a finite number of seconds > 0, got {value!r}")
+        if isinstance(max_reply_bytes, bool) or not isinstance(max_reply_bytes, int) or max_reply_bytes < 1:
+            raise ValueError(f"max_reply_bytes must be an integer >= 1, got {max_reply_bytes!r}")
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model = model
         self.api_key = api_key
         self.timeout_s = timeout_s
+        self.deadline_s = deadline_s
+        self.max_reply_bytes = max_reply_bytes
         self.max_retries = max_retries
         self.backoff_base_s = backoff_base_s
         self.backoff_max_s = backoff_max_s
@@ -271,6 +289,8 @@ class OpenAIChatClient:
             model,
             api_key,
             timeout_s=config.timeout_s,
+            deadline_s=config.deadline_s,
+            max_reply_bytes=config.max_reply_bytes,
             max_retries=config.max_retries,
             backoff_base_s=config.backoff_base_s,
             backoff_max_s=config.backoff_max_s,
@@ -321,37 +341,69 @@ class OpenAIChatClient:
         """Send ``messages`` (``[{"role": …, "content": …}]``) and return the first choice.
 
         Raises:
-            LLMRequestError: a non-retryable HTTP status, a reply without text content, or
-                every attempt failed.
+            LLMRequestError: a non-retryable HTTP status (a redirect included: it is never
+                followed), a reply without text content or over ``max_reply_bytes``, the
+                deadline passed, or every attempt failed.
         """
         if not messages:
             raise ValueError("messages must hold at least one {'role', 'content'} mapping")
         request = self._request(messages)
+        deadline = Deadline(self.deadline_s)
+        try:
+            return self._attempts(request, deadline)
+        finally:
+            deadline.cancel()
+
+    def _attempts(self, request: urllib.request.Request, deadline: Deadline) -> ChatResult:
         last_error = "no attempt made"
         status: int | None = None
         for attempt in range(self.max_retries + 1):
             retry_after: float | None = None
             try:
-                with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-                    raw = response.read()
+                _, raw = post(
+                    request, timeout_s=self.timeout_s, deadline=deadline, max_bytes=self.max_reply_bytes
+                )
                 return self._read_reply(raw, attempt + 1)
             except urllib.error.HTTPError as exc:
                 status = exc.code
-                detail = exc.read()[:300].decode("utf-8", "replace")
-                last_error = f"HTTP {exc.code}: {detail}"
+                last_error = self._http_error(exc)
                 if exc.code not in RETRY_STATUSES:
                     raise LLMRequestError(
                         f"chat request to {self.url} failed: {last_error}", exc.code, attempt + 1
                     ) from exc
                 retry_after = parse_retry_after(exc.headers.get("Retry-After") if exc.headers else None)
+            except DeadlineExceeded as exc:
+                raise LLMRequestError(
+                    f"chat request to {self.url} failed: {exc} (deadline_s; attempt {attempt + 1}, "
+                    f"last error: {last_error})",
+                    status,
+                    attempt + 1,
+                ) from exc
+            except ReplyTooLarge as exc:
+                raise LLMRequestError(
+                    f"chat request to {self.url} failed: {exc} (max_reply_bytes)", 200, attempt + 1
+                ) from exc
             except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
                 status = None
                 last_error = f"{type(exc).__name__}: {exc}"
-            except (ValueError, KeyError, IndexError, TypeError) as exc:  # unreadable 200 body
+            except (
+                ValueError,
+                KeyError,
+                IndexError,
+                TypeError,
+                RecursionError,
+            ) as exc:  # unreadable 200 body
                 status = 200
                 last_error = f"unreadable reply ({type(exc).__name__}: {exc})"
             if attempt < self.max_retries:
                 delay = self.backoff_delay(attempt, retry_after)
+                if delay >= deadline.remaining():
+                    raise LLMRequestError(
+                        f"chat request to {self.url} failed: the deadline of {self.deadline_s:g} s (deadline_s) "
+                        f"leaves no time for retry {attempt + 1}; last error: {last_error}",
+                        status,
+                        attempt + 1,
+                    )
                 LOGGER.warning("LLM request failed (%s); retry %d in %.2fs", last_error, attempt + 1, delay)
                 self._sleep(delay)
         raise LLMRequestError(
@@ -359,3 +411,18 @@ class OpenAIChatClient:
             status,
             self.max_retries + 1,
         )
+
+    @staticmethod
+    def _http_error(exc: urllib.error.HTTPError) -> str:
+        """One line about an error answer; its body is read only up to 300 bytes."""
+        if exc.code in REDIRECT_STATUSES:
+            location = exc.headers.get("Location") if exc.headers else None
+            return (
+                f"HTTP {exc.code}: the server redirects to {location!r}; redirects are not followed (the API key "
+                "must not travel to another address): set the base URL to the address the server expects"
+            )
+        try:
+            detail = exc.read(300).decode("utf-8", "replace")
+        except (OSError, http.client.HTTPException):
+            detail = "(body unreadable)"
+        return f"HTTP {exc.code}: {detail}"

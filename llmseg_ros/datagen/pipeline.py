@@ -17,6 +17,7 @@ pairs whose category mask is empty (degenerate annotations) are dropped.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,6 +139,22 @@ class ImageAnnotator:
         }
 
 
+def _check_journal_entry(name: str, entry: Mapping[str, Any], path: Path) -> None:
+    """Refuse a journal line that :meth:`ImageAnnotator.annotate` did not write."""
+    record = entry.get("record")
+    if (
+        not isinstance(record, Mapping)
+        or not isinstance(record.get("qa_pairs"), list)
+        or entry.get("group") not in ("simple", "complex")
+        or not isinstance(entry.get("usage", {}), Mapping)
+        or not isinstance(entry.get("filter", {}), Mapping)
+    ):
+        raise ValueError(
+            f"journal {path}: the entry of {name!r} was not written by this generator; "
+            "use another output path or delete the journal to start over"
+        )
+
+
 def _progress(total: int, initial: int, enabled: bool) -> Any:
     from tqdm import tqdm
 
@@ -194,6 +211,8 @@ def generate_dataset(
             "num_images": len(names),
         },
     )
+    for name, entry in journal.entries.items():
+        _check_journal_entry(name, entry, journal.path)
     annotator = ImageAnnotator(config, index, source, metered)
     pending = [(group, image) for group, image in items if image.file_name not in journal.entries]
     LOGGER.info(

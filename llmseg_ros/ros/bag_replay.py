@@ -13,27 +13,35 @@ unchanged plus the node's output topics for each answered frame:
     <ns>/points                     sensor_msgs/PointCloud2 XYZ float32 (depth header)
 
 Output messages carry the input frame's headers and the colour message's log time. The
-bag is written into a temporary directory next to the destination and renamed into place
-when complete. The schedule format is described in :mod:`llmseg_ros.ros.schedule`.
+bag is written into a staging folder next to the destination and renamed into place when
+complete; a malformed input bag is refused with a ``ValueError`` naming it (see
+:mod:`llmseg_ros.ros.bag_files`). The schedule format is described in
+:mod:`llmseg_ros.ros.schedule`.
 """
 
 from __future__ import annotations
 
 import bisect
-import os
-import shutil
-import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Final, Literal
 
+from llmseg_ros.ros.bag_files import (
+    STORAGES,
+    OutputStaging,
+    check_output_path,
+    deserialize,
+    detect_storage,
+    open_bag,
+    read_messages,
+)
 from llmseg_ros.ros.frames import NS_PER_S, FrameBuffer, format_stamp, frame_from_messages, stamp_to_ns
 from llmseg_ros.ros.handler import HandlerSettings, RequestHandler, Segmenter
 from llmseg_ros.ros.messages import MessageBuilder, MessageTypes, NumpyArrays
 from llmseg_ros.ros.outputs import build_outputs
-from llmseg_ros.ros.schedule import ReplaySchedule, TimedInstruction
+from llmseg_ros.ros.schedule import ReplaySchedule, TimedInstruction, finite_seconds
 
 # Field lines of msg/Segmentation.msg without comments (a test checks they match the file),
 # so that replay works from a pip install, where msg/ is not shipped.
@@ -56,7 +64,6 @@ float64[] stage_seconds
 IMAGE = "sensor_msgs/msg/Image"
 CAMERA_INFO = "sensor_msgs/msg/CameraInfo"
 POINT_CLOUD = "sensor_msgs/msg/PointCloud2"
-STORAGES = ("sqlite3", "mcap")
 BAG_VERSION: Final[Literal[8]] = 8  # rosbag2 metadata version written (9 is readable by Jazzy and newer only)
 
 
@@ -111,26 +118,6 @@ def output_topics(namespace: str) -> dict[str, str]:
         "camera_info": f"{ns}/masked_depth/camera_info",
         "points": f"{ns}/points",
     }
-
-
-def detect_storage(path: str | Path) -> str:
-    """``sqlite3`` or ``mcap`` for a rosbag2 directory (from its metadata) or a bare ``.db3`` / ``.mcap`` file."""
-    path = Path(path)
-    if path.is_file():
-        suffixes = {".db3": "sqlite3", ".mcap": "mcap"}
-        if path.suffix not in suffixes:
-            raise ValueError(f"{path} is not a rosbag2 directory or a .db3/.mcap file")
-        return suffixes[path.suffix]
-    metadata = path / "metadata.yaml"
-    if not metadata.is_file():
-        raise ValueError(f"{path} is not a rosbag2 bag: {metadata} does not exist")
-    import yaml
-
-    info = (yaml.safe_load(metadata.read_text(encoding="utf-8")) or {}).get("rosbag2_bagfile_information", {})
-    storage = str(info.get("storage_identifier", ""))
-    if storage not in STORAGES:
-        raise ValueError(f"{path} uses storage {storage!r}; expected one of {list(STORAGES)}")
-    return storage
 
 
 def make_typestore() -> Any:
@@ -199,23 +186,29 @@ def replay_bag(
         progress: show a tqdm progress bar (one step per scheduled frame).
         log: receives warnings and the reason of every failed frame.
     Raises:
-        ValueError: bad paths, topics or storage (checked before anything is written).
+        ValueError: bad paths, topics, storage or settings (checked before anything is
+            written), or an input bag that cannot be read (:class:`~llmseg_ros.ros.bag_files.BagError`,
+            possibly after some frames; the output is then not written).
     """
-    from rosbags.rosbag2 import Reader
-
     input_path, output_path = Path(input_path), Path(output_path)
     if not input_path.exists():
         raise ValueError(f"input bag {input_path} does not exist")
-    if output_path.resolve() == input_path.resolve():
-        raise ValueError("the output bag must differ from the input bag")
-    if output_path.exists() and not overwrite:
-        raise ValueError(f"output bag {output_path} exists; choose another path or pass --overwrite")
+    finite_seconds(sync_slop_s, "sync_slop_s")
+    finite_seconds(timeout_s, "timeout_s", positive=True)
+    check_output_path(output_path, input_path, overwrite=overwrite)
     out_storage = storage or detect_storage(input_path)
     if out_storage not in STORAGES:
         raise ValueError(f"storage must be one of {list(STORAGES)}, got {out_storage!r}")
-    with Reader(input_path) as reader:
+    with open_bag(input_path) as reader:
         replay = _Replay(
-            reader, schedule, segmenter, topics, output_topics(output_namespace), sync_slop_s, timeout_s
+            reader,
+            input_path,
+            schedule,
+            segmenter,
+            topics,
+            output_topics(output_namespace),
+            sync_slop_s,
+            timeout_s,
         )
         summary = ReplaySummary(replay.frames, 0, 0, replay.unmatched, output_path, out_storage)
         for entry in replay.unmatched:
@@ -223,15 +216,10 @@ def replay_bag(
                 f"warning: no colour frame within {schedule.tolerance_ns / NS_PER_S:g} s of stamp "
                 f"{format_stamp(entry.stamp_ns)} ({entry.instruction!r})"
             )
-        output_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp_dir = Path(tempfile.mkdtemp(prefix=f".{output_path.name}.", dir=output_path.parent))
-        try:
-            replay.run(tmp_dir / output_path.name, out_storage, summary, overlay=overlay, progress=progress)
-            if output_path.exists():
-                shutil.rmtree(output_path)
-            os.replace(tmp_dir / output_path.name, output_path)
-        finally:
-            shutil.rmtree(tmp_dir, ignore_errors=True)
+        staging = OutputStaging(output_path)
+        with staging as staged:
+            replay.run(staged, out_storage, summary, overlay=overlay, progress=progress)
+            staging.commit()
     for line in summary.messages:
         log(line)
     return summary
@@ -252,6 +240,7 @@ class _Replay:
     def __init__(
         self,
         reader: Any,
+        path: Path,
         schedule: ReplaySchedule,
         segmenter: Segmenter,
         topics: ReplayTopics | None,
@@ -260,6 +249,7 @@ class _Replay:
         timeout_s: float,
     ) -> None:
         self.reader = reader
+        self.path = path
         self.schedule = schedule
         self.out_topics = out_topics
         self.topics = topics or guess_topics(reader.connections)
@@ -299,8 +289,8 @@ class _Replay:
                 raise ValueError(f"topic {topic!r} has type {conn.msgtype}; expected {msgtype}")
         return found
 
-    def _stamp(self, conn: Any, raw: Any) -> int:
-        return stamp_to_ns(self.typestore.deserialize_cdr(raw, conn.msgtype).header.stamp)
+    def _decode(self, conn: Any, raw: Any, log_ns: int) -> Any:
+        return deserialize(self.typestore, raw, conn, log_ns, self.path)
 
     def _scan(self) -> None:
         """Pass 1: header stamps → scheduled frames and their depth / CameraInfo partners."""
@@ -310,10 +300,9 @@ class _Replay:
             for c in conns
         }
         stamps: dict[str, list[int]] = {"c": [], "d": [], "i": []}
-        for conn, _, raw in self.reader.messages(
-            connections=self.image_conns + self.depth_conns + self.info_conns
-        ):
-            stamps[ids[conn.id]].append(self._stamp(conn, raw))
+        wanted = self.image_conns + self.depth_conns + self.info_conns
+        for conn, log_ns, raw in read_messages(self.reader, self.path, wanted):
+            stamps[ids[conn.id]].append(stamp_to_ns(self._decode(conn, raw, log_ns).header.stamp))
         self.colour_stamps = stamps["c"]
         self.frames = len(self.colour_stamps)
         self.plan, self.unmatched = self.schedule.plan(self.colour_stamps)
@@ -351,20 +340,18 @@ class _Replay:
         ):
             copies = {c.id: _copy_connection(writer, c, self.typestore) for c in self.reader.connections}
             out = _OutputWriter(writer, self.typestore, self.out_topics, summary)
-            for conn, log_ns, raw in self.reader.messages():
+            for conn, log_ns, raw in read_messages(self.reader, self.path):
                 writer.write(copies[conn.id], log_ns, raw)
                 kind = kinds.get(conn.id)
                 if kind in ("d", "i"):
-                    msg = self.typestore.deserialize_cdr(raw, conn.msgtype)
+                    msg = self._decode(conn, raw, log_ns)
                     stamp = stamp_to_ns(msg.header.stamp)
                     if self.wanted[kind].get(stamp, 0) > 0:
                         held[kind][stamp] = msg
                 elif kind == "c":
                     colour_index += 1
                     if colour_index in self.plan:
-                        pending.append(
-                            (colour_index, self.typestore.deserialize_cdr(raw, conn.msgtype), log_ns)
-                        )
+                        pending.append((colour_index, self._decode(conn, raw, log_ns), log_ns))
                 still = []
                 for index, colour, colour_log_ns in pending:
                     partners = self.partners[index]

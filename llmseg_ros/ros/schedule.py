@@ -20,6 +20,7 @@ tolerance, and wins over ``instruction`` on that frame.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,14 +73,20 @@ class ReplaySchedule:
             )
         if isinstance(self.every_n, bool) or not isinstance(self.every_n, int) or self.every_n < 1:
             raise ValueError(f"every_n must be an integer >= 1, got {self.every_n!r}")
-        if self.tolerance_ns < 0:
-            raise ValueError(f"tolerance must be >= 0 seconds, got {self.tolerance_ns / NS_PER_S}")
+        if (
+            isinstance(self.tolerance_ns, bool)
+            or not isinstance(self.tolerance_ns, int)
+            or self.tolerance_ns < 0
+        ):
+            raise ValueError(f"tolerance must be >= 0 seconds, got {self.tolerance_ns!r} ns")
         if self.selection_strategy and self.selection_strategy not in SELECTION_STRATEGIES:
             raise ValueError(
                 f"selection.strategy must be one of {list(SELECTION_STRATEGIES)}, got {self.selection_strategy!r}"
             )
-        if self.iop_threshold > 1.0:
-            raise ValueError(f"selection.iop_threshold must be in [0, 1], got {self.iop_threshold}")
+        if not math.isfinite(self.iop_threshold) or self.iop_threshold > 1.0:
+            raise ValueError(
+                f"selection.iop_threshold must be a number in [0, 1] (or absent), got {self.iop_threshold}"
+            )
 
     @classmethod
     def from_mapping(cls, data: Any) -> ReplaySchedule:
@@ -91,15 +98,27 @@ class ReplaySchedule:
             raise ValueError(
                 f"unknown key(s) {unknown} in the instructions file; expected some of {list(cls.KEYS)}"
             )
-        at = [_timed_instruction(i, entry) for i, entry in enumerate(data.get("at") or [])]
-        tolerance = data.get("tolerance", 0.02)
-        if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)):
-            raise ValueError(f"tolerance must be a number of seconds, got {tolerance!r}")
+        entries = data.get("at") or []
+        if not isinstance(entries, list):
+            raise ValueError(f"at must be a list of {{stamp, instruction}} mappings, got {entries!r:.80}")
+        at = [_timed_instruction(i, entry) for i, entry in enumerate(entries)]
+        tolerance = finite_seconds(data.get("tolerance", 0.02), "tolerance")
         selection = data.get("selection") or {}
         if not isinstance(selection, dict) or set(selection) - {"strategy", "iop_threshold"}:
             raise ValueError(
                 f"selection must be a mapping with strategy and/or iop_threshold, got {selection!r}"
             )
+        strategy = selection.get("strategy", "")
+        if not isinstance(strategy, str):
+            raise ValueError(f"selection.strategy must be a string, got {strategy!r}")
+        threshold = selection.get("iop_threshold", -1.0)
+        if (
+            isinstance(threshold, bool)
+            or not isinstance(threshold, (int, float))
+            or not math.isfinite(threshold)
+            or ("iop_threshold" in selection and not 0.0 <= threshold <= 1.0)
+        ):
+            raise ValueError(f"selection.iop_threshold must be a number in [0, 1], got {threshold!r}")
         explain = data.get("explain", False)
         if not isinstance(explain, bool):
             raise ValueError(f"explain must be true or false, got {explain!r}")
@@ -108,8 +127,8 @@ class ReplaySchedule:
             every_n=data.get("every_n", 1),
             at=at,
             tolerance_ns=round(float(tolerance) * NS_PER_S),
-            selection_strategy=str(selection.get("strategy", "")),
-            iop_threshold=float(selection.get("iop_threshold", -1.0)),
+            selection_strategy=strategy,
+            iop_threshold=float(threshold),
             explain=explain,
         )
 
@@ -119,13 +138,13 @@ class ReplaySchedule:
         path = Path(path)
         try:
             text = path.read_text(encoding="utf-8")
-        except OSError as exc:
+        except (OSError, UnicodeDecodeError) as exc:
             raise ValueError(f"cannot read the instructions file {path}: {exc}") from exc
         import yaml
 
         try:
             data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
-        except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        except (json.JSONDecodeError, yaml.YAMLError, RecursionError) as exc:
             raise ValueError(f"cannot parse the instructions file {path}: {exc}") from exc
         return cls.from_mapping(data)
 
@@ -151,6 +170,16 @@ class ReplaySchedule:
         return plan, unmatched
 
 
+def finite_seconds(value: Any, name: str, *, positive: bool = False) -> float:
+    """``value`` as seconds: a finite int or float, >= 0 (> 0 with ``positive``); else a ``ValueError`` naming ``name``."""
+    number = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    if not number or value < 0 or (positive and value == 0):
+        raise ValueError(
+            f"{name} must be a finite number of seconds {'> 0' if positive else '>= 0'}, got {value!r}"
+        )
+    return float(value)
+
+
 def _timed_instruction(index: int, entry: Any) -> TimedInstruction:
     where = f"at[{index}]"
     if not isinstance(entry, dict) or set(entry) - {"stamp", "stamp_ns", "instruction"}:
@@ -174,6 +203,5 @@ def _seconds_to_ns(where: str, value: Any) -> int:
         if not sec.isdigit() or (frac and not frac.isdigit()) or len(frac) > 9:
             raise ValueError(f"{where}.stamp string must look like 'sec.nanosec', got {value!r}")
         return int(sec) * NS_PER_S + int(frac.ljust(9, "0") or 0)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        raise ValueError(f"{where}.stamp must be non-negative seconds, got {value!r}")
+    finite_seconds(value, f"{where}.stamp")
     return round(float(value) * NS_PER_S) if isinstance(value, float) else int(value) * NS_PER_S
