@@ -138,15 +138,13 @@ def context_length(model_config: Any, tokenizer: Any) -> int | None:
 class SegVLMPrompt:
     """Prompt length of the ``<SEG>`` VLM methods (llmseg, lisa).
 
-    The teacher-forced conversation (answer ``"It is <SEG>."``) with the image tokens
-    expanded; with ``explain`` also the tokens :meth:`SegVLM.generate` may add.
+    The teacher-forced conversation (the answer of the weights' prompt format) with the
+    image tokens expanded; with ``explain`` also the tokens :meth:`SegVLM.generate` may add.
     """
 
     def __init__(self, vlm: SegVLM) -> None:
-        from llmseg_ros.models.prompts import DEFAULT_ANSWER
-
         self.vlm = vlm
-        self.answer = DEFAULT_ANSWER
+        self.answer = vlm.prompt.answer
         self.context_tokens = context_length(vlm.model.config, vlm.tokenizer)
         self.generated_tokens = int(inspect.signature(vlm.generate).parameters["max_new_tokens"].default)
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from llmseg_ros.config import SegmenterConfig, SelectionConfig
+from llmseg_ros.config import PromptFormat, SegmenterConfig, SelectionConfig
 from llmseg_ros.conversations import (
     FRAME_KEY,
     ConversationStore,
@@ -36,13 +36,12 @@ from llmseg_ros.conversations import (
 )
 from llmseg_ros.methods import SegmentationMethod, SegmentRequest, build_method
 from llmseg_ros.models.components import Components
+from llmseg_ros.models.prompts import DEFAULT_ANSWER
 from llmseg_ros.types import FrameFeatures, SegmentResult
 from llmseg_ros.utils.imageio import check_rgb_image
 from llmseg_ros.utils.text import check_text
 
-__all__ = ["DEFAULT_ANSWER", "FRAME_KEY", "ReasonSegmenter"]
-
-DEFAULT_ANSWER = "It is <SEG>."
+__all__ = ["FRAME_KEY", "ReasonSegmenter"]
 
 
 class ReasonSegmenter:
@@ -174,7 +173,7 @@ class ReasonSegmenter:
         result.history_turns = len(fitted.history)
         result.warnings.extend(fitted.notes)
         if conversation is not None:
-            answer = result.answer or DEFAULT_ANSWER
+            answer = result.answer or self._teacher_answer()
             forgotten = self._conversations.remember(conversation, frame, [*fitted.history, (text, answer)])
             result.dropped_turns = fitted.dropped + forgotten
             result.warnings.extend(self._dropped_notes(conversation, fitted.dropped, forgotten, fitted))
@@ -182,6 +181,11 @@ class ReasonSegmenter:
         timings["total"] = time.perf_counter() - t0
         result.timings = timings
         return result
+
+    def _teacher_answer(self) -> str:
+        """The answer a turn without a text answer is remembered with: the one the weights were taught."""
+        prompt = getattr(getattr(self.method, "vlm", None), "prompt", None)
+        return prompt.answer if isinstance(prompt, PromptFormat) else DEFAULT_ANSWER
 
     # -- conversations -------------------------------------------------------------------
     def conversation_history(self, conversation_id: str, frame: FrameFeatures) -> list[Turn]:

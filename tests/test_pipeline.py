@@ -279,3 +279,14 @@ def test_chat_method_follow_ups_stay_within_the_context(tiny_config_factory, sce
     results = [seg.segment(frame, f"{i}: {LONG}", conversation_id="c") for i in range(7)]
     assert len(lengths) == 7 and max(lengths) <= budget, (lengths, budget)
     assert results[-1].dropped_turns >= 1 and results[-1].warnings
+
+
+def test_a_turn_without_text_is_remembered_with_the_answer_the_weights_were_taught(
+    llmseg, llmseg_frame, monkeypatch
+) -> None:
+    from llmseg_ros.config import PromptFormat
+
+    taught = PromptFormat(answer="Sure, <SEG>.")
+    monkeypatch.setattr(llmseg.method.vlm, "prompt", taught)
+    llmseg.segment(llmseg_frame, "which object is red?", conversation_id="taught")
+    assert llmseg.conversation_history("taught", llmseg_frame) == [("which object is red?", "Sure, <SEG>.")]
