@@ -1,4 +1,5 @@
-"""Evaluation loop shared by ``training/evaluate.py``, the methods comparison and the benchmarks.
+"""Evaluation loop shared by the evaluation runs (:mod:`llmseg_ros.evaluation.runner`),
+the methods comparison and the benchmarks.
 
 A *predictor* is any callable that maps a :class:`~llmseg_ros.data.sample.Sample` to an
 (H, W) bool (or 0/1) mask at the sample's resolution. :func:`evaluate_samples` runs one
