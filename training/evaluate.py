@@ -28,6 +28,11 @@ ReasonSeg short / long breakdown, configs, per-sample IoUs and seconds) and
 query) are written atomically, also for a single split, and rewritten after each row;
 ``--overlays N`` writes ``{out}/{split}/overlays/{name}_{rank}_{id}.png``.
 
+Several processes share the samples when the script runs under ``accelerate launch``
+or ``torchrun`` (each evaluates a block of every split with its own model on its own
+GPU); the reports, tables and overlays are the same files a single process writes
+(timings aside), written by rank 0.
+
 The logic lives in :mod:`llmseg_ros.evaluation` (``runner``, ``predictors``, ``writers``).
 
 Examples::
@@ -42,12 +47,16 @@ Examples::
         --compare grounded --out runs/compare_val
     python training/evaluate.py --dataset jsonl --root runs/tiny/synthetic/jsonl --split train \
         --profile tiny --compare llmseg --compare lisa --compare grounded --out runs/compare_tiny
+    # every GPU of a machine
+    accelerate launch --num_processes 8 training/evaluate.py --dataset reasonseg --root data/ReasonSeg \
+        --split val,test --config training/configs/segmenter_llmseg.yaml --out runs/eval_8gpu
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -175,23 +184,24 @@ def parse_args(argv: Sequence[str] | None = None) -> EvalSettings:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status (0 success, 1 bad data or predictions, 2 bad usage)."""
     settings = parse_args(argv)
-    if settings.compare:
-        try:
-            comparisons = run_comparison(settings)
-        except ValueError as exc:
-            print(f"evaluate.py: error: {exc}", file=sys.stderr)
-            return 1
-        for split, comparison in comparisons.items():
-            print(comparison_markdown(comparison))
-            print(f"comparison written to {comparison_dir(settings.out, split) / 'comparison.json'}\n")
-        return 0
+    shown = os.environ.get("RANK", "0") == "0"  # one report per job (torchrun / accelerate set RANK)
     try:
-        report = run_evaluation(settings)
+        if settings.compare:
+            comparisons = run_comparison(settings)
+        else:
+            report = run_evaluation(settings)
     except ValueError as exc:
         print(f"evaluate.py: error: {exc}", file=sys.stderr)
         return 1
-    print(report_markdown(report))
-    print(f"report written to {settings.out / 'report.json'}")
+    if not shown:
+        return 0
+    if settings.compare:
+        for split, comparison in comparisons.items():
+            print(comparison_markdown(comparison))
+            print(f"comparison written to {comparison_dir(settings.out, split) / 'comparison.json'}\n")
+    else:
+        print(report_markdown(report))
+        print(f"report written to {settings.out / 'report.json'}")
     return 0
 
 

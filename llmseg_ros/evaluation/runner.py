@@ -5,6 +5,12 @@
 * :func:`run_evaluation` (one model or saved masks over every split → ``report.json`` /
   ``report.md``) and :func:`run_comparison` (several models → ``{split}/comparison.*``)
   are ``training/evaluate.py``'s two modes.
+
+Several processes (``accelerate launch`` / ``torchrun``, see
+:mod:`llmseg_ros.utils.distributed`) share the work: each evaluates one contiguous block
+of every split with its own model on its own device, and the per-sample records and
+worst-sample candidates are gathered, so every metric, breakdown, table and overlay is
+the one a single process computes (only timings differ). Rank 0 writes the files.
 """
 
 from __future__ import annotations
@@ -12,10 +18,10 @@ from __future__ import annotations
 import contextlib
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -36,6 +42,7 @@ from llmseg_ros.evaluation.report import (
     WorstSamples,
     evaluate_samples,
     query_type_breakdown,
+    summarize_records,
 )
 from llmseg_ros.evaluation.settings import EvalSettings
 from llmseg_ros.evaluation.writers import (
@@ -45,8 +52,11 @@ from llmseg_ros.evaluation.writers import (
     write_overlays,
     write_report,
 )
+from llmseg_ros.utils.distributed import World, launched_world, rank_device
 
 __all__ = ["SplitResult", "evaluate_split", "run_comparison", "run_evaluation"]
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -79,20 +89,28 @@ def evaluate_split(
     timed: bool = True,
     warmup: int = 0,
     overlays: int = 0,
+    world: World | None = None,
 ) -> SplitResult:
     """Run ``predict`` on the first ``limit`` samples of ``dataset`` (all by default) and score it.
+
+    With a ``world`` of several processes, every process calls this with the same
+    arguments (its own ``predict``, e.g. a model on its own GPU); each evaluates one
+    contiguous block of the samples and all get the same result, equal to a single
+    process's (timings aside).
 
     Args:
         dataset: indexable samples (a dataset reader loads each on indexing).
         predict: sample → (H, W) bool / 0-1 mask at the sample's resolution.
         limit: evaluate at most this many samples (the first ones).
         timed: record each ``predict`` call's wall-clock seconds.
-        warmup: untimed ``predict`` calls on the first sample before the timed ones.
+        warmup: untimed ``predict`` calls on the process's first sample before the timed ones.
         overlays: how many lowest-IoU samples to keep with their overlays.
+        world: the processes sharing the work (``llmseg_ros.utils.distributed``, e.g.
+            ``current_world()`` in a job ``accelerate`` started); ``None``: this one alone.
 
     Raises:
         ValueError: no samples; a prediction of the wrong shape or values (the message
-            names the sample id).
+            names the sample id; with several processes, on every process).
     """
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1 or None, got {limit}")
@@ -101,20 +119,63 @@ def evaluate_split(
     count = len(dataset) if limit is None else min(limit, len(dataset))
     if count == 0:
         raise ValueError("evaluate_split got no samples (the split is empty)")
-    for _ in range(warmup):
-        predict(dataset[0])
+    world = world or World()
+    first = count * world.rank // world.world_size
+    stop = count * (world.rank + 1) // world.world_size
+    records: list[EvalRecord] = []
     worst = WorstSamples(overlays)
-    summary, records = evaluate_samples(
-        (dataset[i] for i in range(count)), predict, timed=timed, callback=worst
-    )
-    return SplitResult(summary=summary, records=records, worst=worst.worst())
+    problem: str | None = None
+    try:
+        if stop > first:
+            for _ in range(warmup):
+                predict(dataset[first])
+            _, records = evaluate_samples(
+                (dataset[i] for i in range(first, stop)), predict, timed=timed, callback=worst, start=first
+            )
+    except (TypeError, ValueError) as exc:
+        if world.world_size == 1:
+            raise
+        problem = f"{type(exc).__name__}: {exc}"  # shared, so every process stops with it
+    parts = world.all_gather((records, worst.worst(), problem))
+    problems = [f"rank {rank}: {part[2]}" for rank, part in enumerate(parts) if part[2] is not None]
+    if problems:
+        raise ValueError("; ".join(problems))
+    records = [record for part in parts for record in part[0]]  # blocks in rank order: split order
+    # the n lowest (IoU, position): what one process's WorstSamples keeps, in its order
+    candidates = [item for part in parts for item in part[1]]
+    candidates.sort(key=lambda item: (item[0].iou, item[0].metrics.index))
+    return SplitResult(summary=summarize_records(records), records=records, worst=candidates[:overlays])
 
 
-def run_evaluation(settings: EvalSettings) -> dict[str, Any]:
+def _main_first(world: World, build: Callable[[], T]) -> T:
+    """``build()`` on rank 0, then on the others (a shared ``--profile-dir`` is written once)."""
+    if world.is_main:
+        value = build()
+        world.barrier()
+        return value
+    world.barrier()
+    return build()
+
+
+def _on_rank_device(config: SegmenterConfig, world: World) -> SegmenterConfig:
+    """``config`` with ``auto`` / ``cuda`` turned into this process's GPU in a job of several."""
+    device = rank_device(config.device, world)
+    return config if device == config.device else config.replace(device=device)
+
+
+def run_evaluation(settings: EvalSettings, world: World | None = None) -> dict[str, Any]:
     """Evaluate every split, write ``report.json`` / ``report.md`` (and overlays) to ``settings.out``.
 
-    Returns the report (the content of ``report.json``).
+    Args:
+        settings: the run.
+        world: the processes sharing the work; ``None`` joins the job the launcher
+            started, if any (:func:`~llmseg_ros.utils.distributed.launched_world`).
+
+    Returns the report (the content of ``report.json``, on every process; rank 0 writes it).
     """
+    if world is None:
+        with launched_world() as joined:
+            return run_evaluation(settings, joined)
     datasets = {split: load_split(settings, split) for split in settings.splits}
     report: dict[str, Any] = {
         "dataset": settings.dataset,
@@ -134,9 +195,11 @@ def run_evaluation(settings: EvalSettings) -> dict[str, Any]:
     with contextlib.ExitStack() as stack:
         if settings.pred_dir is None:
             scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="llmseg-eval-")))
-            config = resolve_config(settings, scratch)
+            config = _main_first(world, lambda: resolve_config(settings, scratch))
             report["config"] = config.to_dict()
-            model_predict = model_predictor(config, override_selection=settings.strategy is not None)
+            model_predict = model_predictor(
+                _on_rank_device(config, world), override_selection=settings.strategy is not None
+            )
         for split, dataset in datasets.items():
             count = sample_count(dataset, split, settings.limit)
             warmup = 0
@@ -160,18 +223,22 @@ def run_evaluation(settings: EvalSettings) -> dict[str, Any]:
                 timed=model_predict is not None,
                 warmup=warmup,
                 overlays=settings.overlays,
+                world=world,
             )
             if settings.dataset == "reasonseg":
                 report["splits"][split] = result.breakdown()
             else:
                 report["splits"][split] = {"overall": result.summary}
             report["samples"][split] = [r.to_dict() for r in result.records]
-            report["overlays"][split] = write_overlays(result.worst, settings.out, safe_name(split))
-    write_report(report, settings.out)
+            report["overlays"][split] = write_overlays(
+                result.worst, settings.out, safe_name(split), write=world.is_main
+            )
+    if world.is_main:
+        write_report(report, settings.out)
     return report
 
 
-def run_comparison(settings: EvalSettings) -> dict[str, dict[str, Any]]:
+def run_comparison(settings: EvalSettings, world: World | None = None) -> dict[str, dict[str, Any]]:
     """Run every ``--compare`` row on the same samples; write one comparison per split.
 
     Rows run in order; each row's segmenter loads once, evaluates every split (after
@@ -180,11 +247,18 @@ def run_comparison(settings: EvalSettings) -> dict[str, dict[str, Any]]:
     rewritten atomically (see :func:`~llmseg_ros.evaluation.writers.comparison_markdown`),
     so a failure keeps the rows already done (``pending`` lists the others).
 
+    Args:
+        settings: the run (``settings.compare`` names the rows).
+        world: the processes sharing the work; ``None`` joins the launcher's job, if any.
+
     Returns:
-        split → comparison (the content of its ``comparison.json``).
+        split → comparison (the content of its ``comparison.json``; rank 0 writes it).
     """
     if not settings.compare:
         raise ValueError("run_comparison needs at least one --compare row")
+    if world is None:
+        with launched_world() as joined:
+            return run_comparison(settings, joined)
     folders = {split: comparison_dir(settings.out, split) for split in settings.splits}
     if len(set(folders.values())) != len(folders):
         raise ValueError(f"splits {list(settings.splits)} share a folder name once made file-safe")
@@ -212,9 +286,11 @@ def run_comparison(settings: EvalSettings) -> dict[str, dict[str, Any]]:
     }
     with tempfile.TemporaryDirectory(prefix="llmseg-compare-") as scratch:
         # resolve every row first: a bad config fails before any model loads
-        configs = [row_config(settings, row, Path(scratch)) for row in settings.compare]
+        configs = _main_first(
+            world, lambda: [row_config(settings, row, Path(scratch)) for row in settings.compare]
+        )
         for row, (config, override_selection) in zip(settings.compare, configs, strict=True):
-            with loaded_segmenter(config) as segmenter:
+            with loaded_segmenter(_on_rank_device(config, world)) as segmenter:
                 predict = segmenter_predictor(segmenter, override_selection=override_selection)
                 for index, (split, dataset) in enumerate(datasets.items()):
                     result = evaluate_split(
@@ -223,12 +299,16 @@ def run_comparison(settings: EvalSettings) -> dict[str, dict[str, Any]]:
                         limit=counts[split],
                         warmup=settings.warmup if index == 0 else 0,  # untimed: load models, warm caches
                         overlays=settings.overlays,
+                        world=world,
                     )
                     folder = folders[split]
                     _add_row(comparisons[split], row.name, config, result, settings.dataset)
-                    comparisons[split]["overlays"][row.name] = write_overlays(result.worst, folder, row.name)
+                    comparisons[split]["overlays"][row.name] = write_overlays(
+                        result.worst, folder, row.name, write=world.is_main
+                    )
                     comparisons[split]["pending"].remove(row.name)
-                    write_comparison(comparisons[split], folder)
+                    if world.is_main:
+                        write_comparison(comparisons[split], folder)
     return comparisons
 
 

@@ -34,17 +34,21 @@ def safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text)[:120]
 
 
-def write_overlays(worst: Sequence[tuple[EvalRecord, np.ndarray]], out: Path, prefix: str) -> list[str]:
+def write_overlays(
+    worst: Sequence[tuple[EvalRecord, np.ndarray]], out: Path, prefix: str, *, write: bool = True
+) -> list[str]:
     """Write ``out/overlays/{prefix}_{rank}_{sample id}.png``; paths relative to ``out``.
 
     Args:
         worst: (record, (H, W, 3) uint8 RGB overlay) pairs, worst first (see
             :meth:`~llmseg_ros.evaluation.report.WorstSamples.worst`).
+        write: ``False`` only names the files (a process that is not the one writing).
     """
     paths = []
     for rank, (record, image) in enumerate(worst):
         path = out / "overlays" / f"{prefix}_{rank:03d}_{safe_name(record.sample_id)}.png"
-        write_image(path, image)
+        if write:
+            write_image(path, image)
         paths.append(str(path.relative_to(out)))
     return paths
 
