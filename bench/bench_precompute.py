@@ -5,6 +5,8 @@ DINOv2 backbone against the per-image one it replaces.
 
     python bench/bench_precompute.py --model tiny --images 8 --processes 2
     python bench/bench_precompute.py --model vit_b --dinov2 large --images 2 --processes 2
+    python bench/bench_precompute.py --model vit_h --dinov2 large --images 32 --processes 8 \
+        --device cuda --encoder-dtype bfloat16 --feature-batch-size 8        # 8 GPUs
 
 Models have seeded random weights (SAM rescaled by ``liven_sam``, as in
 ``bench_proposals.py``; DINOv2 at the real size: ``large`` is ViT-L/14 at 896 px, 1024 ×
@@ -13,8 +15,10 @@ post-processing depend on how many masks pass the filters, which trained weights
 Scenes are synthetic, 640×480. Each run is a fresh process (1 process: plain ``python``;
 N processes: ``torchrun``) that builds its models and then fills an empty cache; the
 figures are the run's own summary (after one untimed image per process): images per
-second of the whole job and per process, and seconds per image of each stage. The CPU
-threads are split evenly between the processes. Results go to ``<out>/precompute_<model>_<dinov2>.{json,md}``.
+second of the whole job and per process, and seconds per image of each stage. Every
+process uses ``--threads`` CPU threads (1 by default, so that the scaling with processes is
+not mixed up with the scaling with threads); with ``--device cuda`` each process uses its
+own GPU. Results go to ``<out>/precompute_<model>_<dinov2>.{json,md}``.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_proposals import build_model, synthetic_scene
+from bench_proposals import _sync, build_model, synthetic_scene
 
 from llmseg_ros.config import ProposalConfig
 from llmseg_ros.data.io import write_image
@@ -45,9 +49,10 @@ from llmseg_ros.models.embeddings import MaskEmbedder
 from llmseg_ros.models.proposals import ProposalGenerator
 from llmseg_ros.tiny import TINY_PROPOSALS
 from llmseg_ros.training.precompute import precompute_cache
-from llmseg_ros.training.precompute_run import dinov2_batch_features
+from llmseg_ros.training.precompute_run import ENCODER_DTYPES, dinov2_batch_features
 from llmseg_ros.utils.atomic import atomic_write_text
-from llmseg_ros.utils.distributed import launched_world
+from llmseg_ros.utils.device import resolve_device
+from llmseg_ros.utils.distributed import launched_world, rank_device
 
 DINOV2_SIZES = {  # hidden, layers, heads (facebook/dinov2-*)
     "small": (384, 12, 6),
@@ -70,27 +75,27 @@ def build_dinov2(size: str, input_size: int, seed: int) -> MaskEmbedder:
 
 
 def worker(args: argparse.Namespace) -> None:
-    """One process of a timed run: build the models, join the job, fill the cache."""
+    """One process of a timed run: join the job, build the models on its device, fill the cache."""
     torch.set_num_threads(args.threads)
-    model_args = argparse.Namespace(model=args.model, checkpoint=None, seed=0, raw_weights=False)
-    sam, _ = build_model(model_args, torch.device("cpu"))
-    proposals = TINY_PROPOSALS if args.model == "tiny" else ProposalConfig()
-    generator = ProposalGenerator.from_config(sam, proposals)
-    warmup = synthetic_scene(*SCENE, seed=999)
-    generator.generate(warmup)  # untimed: one-time costs of the first call
-    features = None
-    if args.dinov2 != "none":
-        embedder = build_dinov2(args.dinov2, args.embed_size, seed=0)
-
-        def features(images: Sequence[np.ndarray]) -> np.ndarray:
-            return dinov2_batch_features(embedder, images).to(torch.float16).numpy()
-
-        features([warmup])
-
-    paths = sorted(Path(args.worker[1]).glob("*.png"))
     with launched_world() as world:
+        device = resolve_device(rank_device(args.device, world))
+        model_args = argparse.Namespace(model=args.model, checkpoint=None, seed=0, raw_weights=False)
+        sam, _ = build_model(model_args, device)
+        proposals = TINY_PROPOSALS if args.model == "tiny" else ProposalConfig()
+        encoder_dtype = None if args.encoder_dtype == "float32" else args.encoder_dtype
+        generator = ProposalGenerator.from_config(sam, proposals, encoder_dtype=encoder_dtype)
+        warmup = synthetic_scene(*SCENE, seed=999)
+        generator.generate(warmup)  # untimed: one-time costs of the first call
+        features = None
+        if args.dinov2 != "none":
+            embedder = build_dinov2(args.dinov2, args.embed_size, seed=0).to(device)
+
+            def features(images: Sequence[np.ndarray]) -> np.ndarray:
+                return dinov2_batch_features(embedder, images).to(torch.float16).cpu().numpy()
+
+            features([warmup])
         summary = precompute_cache(
-            paths,
+            sorted(Path(args.worker[1]).glob("*.png")),
             args.worker[0],
             generator.generate,
             batch_features=features,
@@ -106,16 +111,8 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def timed_run(args: argparse.Namespace, images: Path, out: Path, processes: int) -> dict[str, Any]:
-    threads = max(1, (os.cpu_count() or 1) // processes)
-    command = [
-        str(Path(__file__).resolve()),
-        *args.forward,
-        "--threads",
-        str(threads),
-        "--worker",
-        str(out),
-        str(images),
-    ]
+    threads = args.threads
+    command = [str(Path(__file__).resolve()), *args.forward, "--worker", str(out), str(images)]
     if processes == 1:
         command = [sys.executable, *command]
     else:
@@ -131,19 +128,22 @@ def timed_run(args: argparse.Namespace, images: Path, out: Path, processes: int)
 
 def backbone_ratio(args: argparse.Namespace) -> dict[str, Any]:
     """Per-image DINOv2 calls (the reference) against one batched call, same images."""
-    torch.set_num_threads(os.cpu_count() or 1)
-    embedder = build_dinov2(args.dinov2, args.embed_size, seed=0)
+    torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    embedder = build_dinov2(args.dinov2, args.embed_size, seed=0).to(device)
     images = [synthetic_scene(*SCENE, seed=100 + i) for i in range(args.feature_batch_size)]
     embedder.backbone_features(images[0])  # untimed: one-time costs of the first call
     single_times, batch_times = [], []
     for _ in range(args.repeats):
         start = time.perf_counter()
         single = [embedder.backbone_features(image) for image in images]
+        _sync(device)
         single_times.append(time.perf_counter() - start)
         start = time.perf_counter()
         batched = dinov2_batch_features(embedder, images)
+        _sync(device)
         batch_times.append(time.perf_counter() - start)
-    difference = float(max((a - b).abs().max() for a, b in zip(single, batched, strict=True)))
+    difference = float(max((a.float() - b.float()).abs().max() for a, b in zip(single, batched, strict=True)))
     per_image, per_batch = statistics.median(single_times), statistics.median(batch_times)
     return {
         "batch": len(images),
@@ -161,7 +161,7 @@ def to_markdown(result: dict[str, Any]) -> str:
         "",
         f"- weights: random (seeded); {result['images']} synthetic scenes {SCENE[1]}x{SCENE[0]}, shard size 1, "
         f"feature batch {result['feature_batch_size']}",
-        f"- machine: {result['machine']}",
+        f"- machine: {result['machine']}; device `{result['device']}`, SAM encoder {result['encoder_dtype']}",
         "",
         "| processes | threads each | images/s (job) | per process | s per image (one process) "
         "| proposals | features |",
@@ -199,7 +199,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=1, help="backbone comparison repeats")
     parser.add_argument("--port", type=int, default=29533, help="torchrun master port")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
-    parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads per process (1)")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda (each process its own GPU) | auto")
+    parser.add_argument(
+        "--encoder-dtype", default="float32", choices=ENCODER_DTYPES, help="SAM encoder (CUDA)"
+    )
     parser.add_argument("--worker", nargs=2, metavar=("OUT", "IMAGES"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -207,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     args.forward = [
         "--model", args.model, "--dinov2", args.dinov2, "--embed-size", str(args.embed_size),
-        "--feature-batch-size", str(args.feature_batch_size),
+        "--feature-batch-size", str(args.feature_batch_size), "--threads", str(args.threads),
+        "--device", args.device, "--encoder-dtype", args.encoder_dtype,
     ]  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="bench-precompute-") as scratch:
         images = Path(scratch) / "images"
@@ -227,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
         "images": args.images,
         "feature_batch_size": args.feature_batch_size,
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+        "device": args.device,
+        "encoder_dtype": args.encoder_dtype,
         "runs": runs,
         "scaling": runs[1]["images_per_second"] / runs[0]["images_per_second"],
         "same_cache_bytes": same,

@@ -8,10 +8,12 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from llmseg_ros.data.io import write_image
+from llmseg_ros.training.precompute import PrecomputeSummary, precompute_cache
 from llmseg_ros.types import Proposals
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,6 +46,21 @@ def fake_features(image: np.ndarray) -> np.ndarray:
     ]
     means = np.array([q.reshape(-1, 3).mean(0) for q in quads], dtype=np.float32).T.reshape(3, 2, 2)
     return np.concatenate([means / 255.0, np.full((1, 2, 2), 0.5, np.float32)])
+
+
+def fill_fake(paths: list[Path], out: Path, *, shard_size: int = 2, **options: Any) -> PrecomputeSummary:
+    """Fill the cache ``out`` with the fake proposals and features (no progress bar)."""
+    return precompute_cache(
+        paths,
+        out,
+        options.pop("generate", fake_proposals),
+        features=fake_features,
+        feature_model="fake",
+        feature_input_size=28,
+        shard_size=shard_size,
+        progress=False,
+        **options,
+    )
 
 
 def write_images(folder: Path, count: int, *, duplicate_of: int | None = None) -> list[Path]:

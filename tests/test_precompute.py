@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from precompute_testing import REPO, fake_features, fake_proposals, write_images
+from precompute_testing import REPO, fake_features, fake_proposals, fill_fake, write_images
 
 from llmseg_ros.data.io import read_rgb, write_image
 from llmseg_ros.training.cache import (
@@ -50,16 +50,7 @@ def test_record_round_trip_is_exact() -> None:
 def test_cache_round_trip_shards_dedup_and_summary(tmp_path: Path) -> None:
     paths = write_images(tmp_path / "images", 5, duplicate_of=1)
     out = tmp_path / "cache"
-    summary = precompute_cache(
-        paths,
-        out,
-        fake_proposals,
-        features=fake_features,
-        feature_model="fake",
-        feature_input_size=28,
-        shard_size=2,
-        progress=False,
-    )
+    summary = fill_fake(paths, out, shard_size=2)
     assert summary.images == 5  # the copy has the same bytes: cached once
     assert (summary.computed, summary.shards, summary.shards_skipped) == (5, 3, 0)
     counts = [len(fake_proposals(read_rgb(p))) for p in paths[:5]]

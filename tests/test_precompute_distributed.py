@@ -16,8 +16,8 @@ import pytest
 from precompute_testing import (
     REPO,
     accelerate_launch,
-    fake_features,
     fake_proposals,
+    fill_fake,
     torchrun,
     tree_bytes,
     write_images,
@@ -26,7 +26,6 @@ from precompute_testing import (
 from llmseg_ros.data.io import write_image
 from llmseg_ros.training.cache import ProposalCache, finished_shards
 from llmseg_ros.training.claims import CLAIM_DIR, ClaimOwner, ShardClaims
-from llmseg_ros.training.precompute import precompute_cache
 
 WORKER = Path(__file__).resolve().parent / "precompute_worker.py"
 
@@ -41,16 +40,7 @@ def plant_claim(directory: Path, owner: ClaimOwner, shard: int, generation: int 
 
 def reference_cache(paths: list[Path], out: Path, shard_size: int) -> dict[str, bytes]:
     """The cache one uninterrupted process writes (fake stages), as relative path → bytes."""
-    precompute_cache(
-        paths,
-        out,
-        fake_proposals,
-        features=fake_features,
-        feature_model="fake",
-        feature_input_size=28,
-        shard_size=shard_size,
-        progress=False,
-    )
+    fill_fake(paths, out, shard_size=shard_size)
     return tree_bytes(out)
 
 
@@ -163,8 +153,7 @@ def test_a_shard_held_by_a_live_process_is_waited_for_not_recomputed(tmp_path: P
     out = tmp_path / "cache"
     expected = reference_cache(paths, tmp_path / "reference", shard_size=2)
     # plan the cache, then let a "remote" process hold shard 0 with a fresh heartbeat
-    precompute_cache(paths, out, fake_proposals, features=fake_features, feature_model="fake",
-                     feature_input_size=28, shard_size=2, progress=False, max_shards=1)  # fmt: skip
+    fill_fake(paths, out, max_shards=1)
     for name in ("00000.jsonl", "00000.npz"):
         (out / "shards" / name).unlink()
     plant_claim(out, ClaimOwner("remote", 0, "another-host", 1), 0)
@@ -177,7 +166,6 @@ def test_a_shard_held_by_a_live_process_is_waited_for_not_recomputed(tmp_path: P
                 (out / "shards" / name).write_bytes(expected[f"shards/{name}"])
         return fake_proposals(image)
 
-    summary = precompute_cache(paths, out, generate, features=fake_features, feature_model="fake",
-                               feature_input_size=28, shard_size=2, progress=False, lease_seconds=60)  # fmt: skip
+    summary = fill_fake(paths, out, generate=generate, lease_seconds=60)
     assert computed == [22, 23] and summary.computed == 2  # only shard 1's images
     assert tree_bytes(out) == expected

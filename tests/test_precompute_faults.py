@@ -16,10 +16,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from precompute_testing import fake_features, fake_proposals, tree_bytes, write_images
+from precompute_testing import fill_fake, tree_bytes, write_images
 
 from llmseg_ros.training.cache import MANIFEST_NAME, ProposalCache, finished_shards, shard_path
-from llmseg_ros.training.precompute import precompute_cache
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 
@@ -36,16 +35,7 @@ CHANGES = {
 
 
 def fill(paths: list[Path], out: Path) -> None:
-    precompute_cache(
-        paths,
-        out,
-        fake_proposals,
-        features=fake_features,
-        feature_model="fake",
-        feature_input_size=28,
-        shard_size=2,
-        progress=False,
-    )
+    fill_fake(paths, out, shard_size=2)
 
 
 def is_change(event: str, args: tuple, root: str) -> bool:

@@ -10,8 +10,8 @@ JSON file ``claims/{shard}.{generation}`` naming its owner (job id, rank, host, 
   a claim is never half-written;
 * **alive**: the owner touches its claim files every ``lease / 10`` seconds from a
   background thread;
-* **taken over** when its owner is dead: a process on the same host whose pid no longer
-  exists, or a claim not touched for ``lease`` seconds (another host, a hung machine).
+* **taken over** when its owner is dead: a process on the same machine (and pid
+  namespace) whose pid no longer exists, or a claim not touched for ``lease`` seconds (another host, a hung machine).
   The taker creates the next generation, so two takers never both win. If a presumed
   dead owner was only slow, both write the same bytes under the same shard name
   (atomic renames), so the cache still holds the shard once;
@@ -37,7 +37,7 @@ from pathlib import Path
 CLAIM_DIR = "claims"
 DEFAULT_LEASE_SECONDS = 300.0
 
-__all__ = ["CLAIM_DIR", "DEFAULT_LEASE_SECONDS", "ClaimOwner", "ShardClaims"]
+__all__ = ["CLAIM_DIR", "DEFAULT_LEASE_SECONDS", "ClaimOwner", "ShardClaims", "machine_id"]
 
 
 @dataclass(frozen=True)
@@ -47,8 +47,8 @@ class ClaimOwner:
     Attributes:
         job: id shared by the processes of one launch (a fresh one per run).
         rank: the process's rank in that job.
-        host: the machine's host name.
-        pid: the process id on that host.
+        host: where ``pid`` is meaningful (:func:`machine_id`).
+        pid: the process id there.
     """
 
     job: str
@@ -58,7 +58,22 @@ class ClaimOwner:
 
     @classmethod
     def this_process(cls, job: str, rank: int = 0) -> ClaimOwner:
-        return cls(job=job, rank=rank, host=socket.gethostname(), pid=os.getpid())
+        return cls(job=job, rank=rank, host=machine_id(), pid=os.getpid())
+
+
+def machine_id() -> str:
+    """Where a pid means this process table: host name, kernel boot id and pid namespace.
+
+    Two containers on one machine share the host name and boot id but not their pid
+    namespaces, so a pid is only checked for liveness where all three match.
+    """
+    parts = [socket.gethostname()]
+    for source in ("/proc/sys/kernel/random/boot_id", "/proc/self/ns/pid"):
+        try:
+            parts.append(os.readlink(source) if source.endswith("/pid") else Path(source).read_text().strip())
+        except OSError:
+            parts.append("?")
+    return "|".join(parts)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -175,6 +190,7 @@ class ShardClaims:
                 return False
             generation = newest + 1
         target = self.folder / f"{shard:05d}.{generation}"
+        self.folder.mkdir(parents=True, exist_ok=True)  # another process may have just cleared it
         fd, tmp = tempfile.mkstemp(prefix=".claim.", dir=self.folder)
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as handle:

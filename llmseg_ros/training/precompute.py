@@ -351,7 +351,8 @@ class _JobProgress:
 def _shard_order(todo: Sequence[int], world: World) -> list[int]:
     """This rank's share first (every ``world_size``-th shard from its rank), then the rest."""
     own = [s for i, s in enumerate(todo) if i % world.world_size == world.rank]
-    return own + [s for s in todo if s not in set(own)]
+    taken = set(own)
+    return own + [s for s in todo if s not in taken]
 
 
 def _next_shard(

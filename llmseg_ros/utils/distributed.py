@@ -21,6 +21,7 @@ from datetime import timedelta
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+_CURRENT: tuple[Any, World] | None = None  # (default group, its world) of current_world()
 
 DEFAULT_TIMEOUT = timedelta(hours=6)
 """How long a collective waits for the slowest process (planning a large cache hashes every image)."""
@@ -146,21 +147,27 @@ def current_world() -> World:
 
     When ``torch.distributed`` is initialised (by ``accelerate`` in the trainer, or by
     :func:`launched_world`), the world spans its default group; for a backend other than
-    ``gloo`` (NCCL) a ``gloo`` subgroup is created for the object collectives, which is
-    itself a collective call: every process must call this function together.
+    ``gloo`` (NCCL) a ``gloo`` subgroup is created for the object collectives — a
+    collective call, so every process calls this function together the first time; later
+    calls return the same world.
     """
     import torch.distributed as dist
 
+    global _CURRENT
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return World()
+    default = dist.group.WORLD
+    if _CURRENT is not None and _CURRENT[0] is default:  # one gloo subgroup per default group
+        return _CURRENT[1]
     info = LaunchInfo(
         rank=dist.get_rank(),
         world_size=dist.get_world_size(),
         local_rank=LaunchInfo.from_env().local_rank,
     )
     backend = str(dist.get_backend())
-    group = dist.group.WORLD if backend == "gloo" else dist.new_group(backend="gloo")
-    return World(info, group)
+    group = default if backend == "gloo" else dist.new_group(backend="gloo")
+    _CURRENT = (default, World(info, group))
+    return _CURRENT[1]
 
 
 @contextmanager
