@@ -102,11 +102,17 @@ def launch_env(home: Path) -> dict[str, str]:
 
 
 def torchrun(script: Path, args: list[str], *, cwd: Path, nproc: int = 2, timeout: float = 240):
-    """Run ``script`` in ``nproc`` CPU processes with ``torchrun`` (gloo)."""
+    """Run ``script`` in ``nproc`` CPU processes with ``torchrun`` (gloo; a free port of its own)."""
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-        "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(script), *args,
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        str(nproc),
+        str(script),
+        *args,
+    ]  # fmt: skip  (--standalone: the rendezvous takes a free port itself, no race with other jobs)
     return subprocess.run(
         command, cwd=cwd, env=launch_env(cwd), capture_output=True, text=True, timeout=timeout
     )

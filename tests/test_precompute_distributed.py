@@ -110,7 +110,8 @@ def test_a_job_killed_mid_shard_is_finished_by_the_next_run(tmp_path: Path) -> N
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     summary = json.loads(rerun.stdout.strip().splitlines()[-1])
     assert summary["shards_skipped"] == 1 and summary["computed"] == 4  # shards 1 and 2, once each
-    assert sorted(rank["shards"] for rank in summary["ranks"]) == [1, 1]
+    # (a rank may take both: the other's share is free for whoever comes first)
+    assert sum(rank["shards"] for rank in summary["ranks"]) == 2 and len(summary["ranks"]) == 2
     assert tree_bytes(out) == expected  # claims gone, no temporary file, every shard exact
     assert not (out / CLAIM_DIR).exists()
 

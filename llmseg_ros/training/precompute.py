@@ -258,7 +258,7 @@ def _plan(
 ) -> CacheManifest:
     """Rank 0 hashes the images and creates or checks the manifest; every rank gets it (or rank 0's error)."""
     data: dict[str, Any] | None = None
-    problem: str | None = None
+    problem: tuple[bool, str] | None = None  # (a ValueError?, message) of rank 0
     if world.is_main:
         try:
             items = plan_items(paths)
@@ -283,11 +283,15 @@ def _plan(
                 )
             data = manifest.to_dict()
         except Exception as exc:
-            world.broadcast((None, f"{type(exc).__name__}: {exc}"))
+            world.broadcast((None, (type(exc) is ValueError, str(exc))))
             raise
     data, problem = world.broadcast((data, problem))
     if data is None:
-        raise RuntimeError(f"rank 0 could not plan the cache at {directory}: {problem}")
+        assert problem is not None
+        bad_input, message = problem
+        if bad_input:  # the inputs or settings: the same clear message on every rank
+            raise ValueError(message)
+        raise RuntimeError(f"rank 0 could not plan the cache at {directory}: {message}")
     return CacheManifest.from_dict(data, source=str(directory / MANIFEST_NAME))
 
 
