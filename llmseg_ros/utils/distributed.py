@@ -13,6 +13,7 @@ torch is imported only when a process group is used.
 
 from __future__ import annotations
 
+import atexit
 import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -21,7 +22,7 @@ from datetime import timedelta
 from typing import Any, TypeVar
 
 T = TypeVar("T")
-_CURRENT: tuple[Any, World] | None = None  # (default group, its world) of current_world()
+_SUBGROUP: tuple[Any, Any] | None = None  # (default group, its gloo subgroup) of current_world()
 
 DEFAULT_TIMEOUT = timedelta(hours=6)
 """How long a collective waits for the slowest process (planning a large cache hashes every image)."""
@@ -153,21 +154,34 @@ def current_world() -> World:
     """
     import torch.distributed as dist
 
-    global _CURRENT
+    global _SUBGROUP
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return World()
-    default = dist.group.WORLD
-    if _CURRENT is not None and _CURRENT[0] is default:  # one gloo subgroup per default group
-        return _CURRENT[1]
     info = LaunchInfo(
         rank=dist.get_rank(),
         world_size=dist.get_world_size(),
         local_rank=LaunchInfo.from_env().local_rank,
     )
-    backend = str(dist.get_backend())
-    group = default if backend == "gloo" else dist.new_group(backend="gloo")
-    _CURRENT = (default, World(info, group))
-    return _CURRENT[1]
+    default = dist.group.WORLD
+    if str(dist.get_backend()) == "gloo":
+        return World(info, default)
+    if _SUBGROUP is None or _SUBGROUP[0] is not default:  # one gloo subgroup per default group
+        _SUBGROUP = (default, dist.new_group(backend="gloo"))
+    return World(info, _SUBGROUP[1])
+
+
+def _forget_subgroup() -> None:
+    """Drop the cached process groups while the interpreter is still whole.
+
+    A process group object still referenced after ``destroy_process_group`` is freed
+    during interpreter finalisation, where its threads abort the process ("terminate
+    called without an active exception").
+    """
+    global _SUBGROUP
+    _SUBGROUP = None
+
+
+atexit.register(_forget_subgroup)
 
 
 @contextmanager
@@ -176,8 +190,8 @@ def launched_world(timeout: timedelta = DEFAULT_TIMEOUT) -> Iterator[World]:
 
     With ``WORLD_SIZE`` > 1 in the environment and no process group yet, a ``gloo``
     group is initialised from the environment (``MASTER_ADDR``, ``MASTER_PORT``, ``RANK``,
-    ``WORLD_SIZE``) and destroyed on exit; an existing group is reused as
-    :func:`current_world` describes.
+    ``WORLD_SIZE``) and destroyed on exit, after a barrier when the body ended normally;
+    an existing group is reused as :func:`current_world` describes.
 
     Args:
         timeout: how long a collective waits for the slowest process.
@@ -198,6 +212,7 @@ def launched_world(timeout: timedelta = DEFAULT_TIMEOUT) -> Iterator[World]:
     try:
         yield World(info, dist.group.WORLD)
     finally:
+        _forget_subgroup()
         dist.destroy_process_group()
 
 
