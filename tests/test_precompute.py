@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from precompute_testing import REPO, fake_features, fake_proposals, fill_fake, write_images
 
 from llmseg_ros.data.io import read_rgb, write_image
 from llmseg_ros.training.cache import (
@@ -18,52 +19,9 @@ from llmseg_ros.training.cache import (
     image_key,
     shard_path,
 )
-from llmseg_ros.training.precompute import PrecomputeConfig, collect_image_paths, plan_items, precompute_cache
+from llmseg_ros.training.precompute import plan_items, precompute_cache
+from llmseg_ros.training.precompute_run import PrecomputeConfig, collect_image_paths
 from llmseg_ros.types import Proposals
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def fake_proposals(image: np.ndarray) -> Proposals:
-    """Deterministic proposals from the pixels: K = 1 + (sum of pixels mod 3) threshold masks."""
-    h, w = image.shape[:2]
-    grey = image.astype(np.int64).sum(axis=2)
-    k = 1 + int(grey.sum() % 3)
-    masks = np.stack([grey > np.percentile(grey, 20 + 25 * i) for i in range(k)])
-    rng = np.random.default_rng(int(grey.sum()) % 1000)
-    return Proposals(
-        masks=masks,
-        predicted_iou=rng.random(k).astype(np.float32),
-        stability_score=rng.random(k).astype(np.float32),
-        boxes=rng.random((k, 4)).astype(np.float32) * w,
-        point_coords=rng.random((k, 2)).astype(np.float32) * h,
-    )
-
-
-def fake_features(image: np.ndarray) -> np.ndarray:
-    """(4, 2, 2) float32 features: per-channel means of the image quadrants, plus a constant."""
-    h, w = image.shape[:2]
-    quads = [
-        image[: h // 2, : w // 2],
-        image[: h // 2, w // 2 :],
-        image[h // 2 :, : w // 2],
-        image[h // 2 :, w // 2 :],
-    ]
-    means = np.array([q.reshape(-1, 3).mean(0) for q in quads], dtype=np.float32).T.reshape(3, 2, 2)
-    return np.concatenate([means / 255.0, np.full((1, 2, 2), 0.5, np.float32)])
-
-
-def write_images(folder: Path, count: int, *, duplicate_of: int | None = None) -> list[Path]:
-    rng = np.random.default_rng(0)
-    paths = []
-    for i in range(count):
-        image = rng.integers(0, 256, size=(20 + i, 24, 3), dtype=np.uint8)
-        paths.append(write_image(folder / f"img_{i:02d}.png", image))
-    if duplicate_of is not None:
-        dup = folder / "copy.png"
-        dup.write_bytes(paths[duplicate_of].read_bytes())
-        paths.append(dup)
-    return paths
 
 
 def assert_same_proposals(a: Proposals, b: Proposals) -> None:
@@ -92,16 +50,7 @@ def test_record_round_trip_is_exact() -> None:
 def test_cache_round_trip_shards_dedup_and_summary(tmp_path: Path) -> None:
     paths = write_images(tmp_path / "images", 5, duplicate_of=1)
     out = tmp_path / "cache"
-    summary = precompute_cache(
-        paths,
-        out,
-        fake_proposals,
-        features=fake_features,
-        feature_model="fake",
-        feature_input_size=28,
-        shard_size=2,
-        progress=False,
-    )
+    summary = fill_fake(paths, out, shard_size=2)
     assert summary.images == 5  # the copy has the same bytes: cached once
     assert (summary.computed, summary.shards, summary.shards_skipped) == (5, 3, 0)
     counts = [len(fake_proposals(read_rgb(p))) for p in paths[:5]]

@@ -14,8 +14,21 @@ Examples::
     python training/precompute.py --images data/robot/images --sam-checkpoint weights/sam_vit_h_4b8939.pth \\
         --out cache/robot
 
-    # mechanics only, tiny random models on CPU
+    # every GPU of a machine (one process per GPU; each takes its share of the shards)
+    accelerate launch --num_processes 8 training/precompute.py --dataset reasonseg --root data/ReasonSeg \
+        --split train val --sam-checkpoint weights/sam_vit_h_4b8939.pth --features --out cache/reasonseg
+
+    # several machines sharing the cache directory (run on each; --node_rank 0 on the first)
+    torchrun --nnodes 2 --node_rank 0 --nproc_per_node 8 --master_addr node0 --master_port 29500 \
+        training/precompute.py --images /shared/images --sam-checkpoint weights/sam_vit_h_4b8939.pth --out /shared/cache
+
+    # mechanics only, tiny random models on CPU (two CPU processes: --multi_gpu starts them, gloo backend)
     python training/precompute.py --images some/folder --profile tiny --features --out /tmp/cache
+    accelerate launch --multi_gpu --num_processes 2 training/precompute.py --images some/folder \
+        --profile tiny --features --out /tmp/cache2
+
+A killed job, or a killed process of a job, is resumed by running the same command again
+(with any number of processes): finished shards are kept, the others are computed once.
 """
 
 from __future__ import annotations
@@ -23,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,8 +45,10 @@ if __package__ in (None, ""):  # run as a script from a source checkout: make th
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from llmseg_ros.config import SAM_MODEL_TYPES, ProposalConfig
+from llmseg_ros.training.claims import DEFAULT_LEASE_SECONDS
 from llmseg_ros.training.config import SOURCE_KINDS, read_mapping
-from llmseg_ros.training.precompute import PrecomputeConfig, PrecomputeSummary, run_precompute
+from llmseg_ros.training.precompute import PrecomputeSummary
+from llmseg_ros.training.precompute_run import ENCODER_DTYPES, PrecomputeConfig, run_precompute
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -60,10 +76,27 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     models.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     models.add_argument("--dtype", default="auto", help="DINOv2 dtype: auto | float32 | float16 | bfloat16")
     models.add_argument(
+        "--encoder-dtype",
+        default="float32",
+        choices=ENCODER_DTYPES,
+        help="SAM image encoder under CUDA autocast (bfloat16 / float16: faster, CUDA only, masks not "
+        "bit-identical to float32; recorded in the cache)",
+    )
+    models.add_argument(
+        "--feature-batch-size", type=int, default=8, help="images per DINOv2 forward pass (8)"
+    )
+    models.add_argument(
         "--profile", choices=("custom", "tiny"), default="custom", help="tiny: random tiny models"
     )
     parser.add_argument("--shard-size", type=int, default=32, help="images per shard (32)")
-    parser.add_argument("--max-shards", type=int, help="stop after writing this many shards")
+    parser.add_argument("--max-shards", type=int, help="stop after writing this many shards (per process)")
+    parser.add_argument(
+        "--claim-timeout",
+        type=float,
+        default=DEFAULT_LEASE_SECONDS,
+        help=f"seconds after which the shard of a silent process on another machine is taken over "
+        f"({DEFAULT_LEASE_SECONDS:.0f}; a dead process on this machine is noticed at once)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
 
@@ -90,10 +123,13 @@ def config_from_args(args: argparse.Namespace) -> PrecomputeConfig:
         embed_size=args.embed_size,
         device=args.device,
         dtype=args.dtype,
+        encoder_dtype=args.encoder_dtype,
+        feature_batch_size=args.feature_batch_size,
         shard_size=args.shard_size,
         max_shards=args.max_shards,
         profile=args.profile,
         progress=not args.no_progress,
+        lease_seconds=args.claim_timeout,
     )
 
 
@@ -104,9 +140,13 @@ def main(argv: Sequence[str] | None = None) -> PrecomputeSummary:
         config = config_from_args(args)
     except ValueError as exc:
         raise SystemExit(f"error: {exc}") from None
-    summary = run_precompute(config)
-    print(summary.format())
-    print(json.dumps(summary.to_dict(), indent=2))
+    try:
+        summary = run_precompute(config)
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    if os.environ.get("RANK", "0") == "0":  # one report per job (torchrun / accelerate set RANK)
+        print(summary.format())
+        print(json.dumps(summary.to_dict(), indent=2))
     return summary
 
 

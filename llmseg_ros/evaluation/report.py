@@ -1,4 +1,5 @@
-"""Evaluation loop shared by ``training/evaluate.py``, the methods comparison and the benchmarks.
+"""Evaluation loop shared by the evaluation runs (:mod:`llmseg_ros.evaluation.runner`),
+the methods comparison and the benchmarks.
 
 A *predictor* is any callable that maps a :class:`~llmseg_ros.data.sample.Sample` to an
 (H, W) bool (or 0/1) mask at the sample's resolution. :func:`evaluate_samples` runs one
@@ -100,6 +101,7 @@ def evaluate_samples(
     *,
     timed: bool = True,
     callback: SampleCallback | None = None,
+    start: int = 0,
 ) -> tuple[dict[str, Any], list[EvalRecord]]:
     """Run ``predict`` on every sample and score it.
 
@@ -109,6 +111,8 @@ def evaluate_samples(
         timed: record the wall-clock time of each ``predict`` call.
         callback: called with (sample, prediction as bool, record) after each sample, for
             example to keep the worst samples for overlays (:class:`WorstSamples`).
+        start: position of the first sample in the whole split (records' ``metrics.index``
+            count from it; one process of several evaluates a block of the split).
 
     Returns:
         ``(summary, records)``: :func:`summarize_records` of all samples, and one
@@ -121,11 +125,11 @@ def evaluate_samples(
     """
     records: list[EvalRecord] = []
     for index, sample in enumerate(samples):
-        start = time.perf_counter()
+        began = time.perf_counter()
         prediction = predict(sample)
-        seconds = time.perf_counter() - start if timed else None
+        seconds = time.perf_counter() - began if timed else None
         try:
-            metrics = sample_metrics(prediction, sample.mask, index=index)
+            metrics = sample_metrics(prediction, sample.mask, index=start + index)
         except (TypeError, ValueError) as exc:
             raise type(exc)(f"sample {sample.image_id!r}: {exc}") from exc
         record = EvalRecord(

@@ -4,7 +4,9 @@ The scripts under ``training/`` (``precompute.py``, ``train.py``) are thin comma
 wrappers around this package:
 
 * :mod:`~llmseg_ros.training.cache` / :mod:`~llmseg_ros.training.precompute` — the sharded,
-  resumable proposal cache (COCO RLE masks, scores, boxes, optional DINOv2 features);
+  resumable proposal cache (COCO RLE masks, scores, boxes, optional DINOv2 features), filled
+  by any number of processes (:mod:`~llmseg_ros.training.claims`); the script's run in
+  :mod:`~llmseg_ros.training.precompute_run`;
 * :mod:`~llmseg_ros.training.config` — :class:`TrainConfig` and :class:`DataSource`;
 * :mod:`~llmseg_ros.training.datamix` — datasets mixed by sampling rate, LISA templates;
 * :mod:`~llmseg_ros.training.modules` / :mod:`~llmseg_ros.training.trainer` — the trained

@@ -11,12 +11,19 @@ re-running SAM. Layout::
       shards/00000.npz        only with features: array "<line>" = (C, g, g) float16 backbone
                               features of the image on that line of the JSONL shard
       summary.json            written when a run finishes (images, proposals per image, seconds)
+      claims/                 while a run is under way: which process computes which shard
+                              (``llmseg_ros.training.claims``); removed when the cache is complete
 
 An image is identified by its *key*: the SHA-1 of its file bytes (first 20 hex digits), so
 a cache follows the images when a dataset is moved and two datasets sharing images share
 entries. A shard is finished when its JSONL file exists (and its NPZ file, when features
-are cached); both are written under a temporary name and renamed into place (NPZ first),
-so a crash never leaves a half-written shard that looks finished.
+are cached); both are written under a temporary name, flushed to disk and renamed into
+place (NPZ first), so a crash never leaves a half-written shard that looks finished.
+
+The files are a function of the images and the settings only: no timings, no
+timestamps (the NPZ members carry a fixed date), so a cache filled by any number of
+processes, in any order, with interruptions, is byte-identical to one filled in a single
+uninterrupted run (``summary.json``, the last run's report, aside).
 
 Masks are COCO RLE (``llmseg_ros.data.rle``) at the resolution of the image the proposal
 stage saw (the original image), boxes XYXY pixels, scores float32.
@@ -24,12 +31,15 @@ stage saw (the original image), boxes XYXY pixels, scores float32.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-from collections.abc import Iterator, Mapping
+import os
+import zipfile
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
@@ -43,6 +53,8 @@ MANIFEST_NAME = "cache.json"
 SUMMARY_NAME = "summary.json"
 SHARD_DIR = "shards"
 KEY_HEX_DIGITS = 20
+NPZ_DATE = (1980, 1, 1, 0, 0, 0)
+"""Date stamped on every NPZ member (the earliest a zip entry holds), so equal arrays give equal files."""
 
 
 def image_key(path: str | Path) -> str:
@@ -165,16 +177,18 @@ class CacheManifest:
             raise ValueError(f"{source}: malformed manifest ({exc!r})") from exc
 
 
-def encode_record(key: str, name: str, proposals: Proposals, seconds: float) -> dict[str, Any]:
+def encode_record(key: str, name: str, proposals: Proposals, seconds: float | None = None) -> dict[str, Any]:
     """The JSON object stored for one image.
 
     Fields: ``key``, ``name``, ``height``, ``width``, ``masks`` (list of COCO RLE),
     ``predicted_iou``, ``stability_score`` (lists of K floats), ``boxes`` (K × 4 XYXY
-    pixels), ``point_coords`` (K × 2 XY pixels), ``seconds`` (proposal-stage time).
-    float32 values round-trip exactly through JSON.
+    pixels), ``point_coords`` (K × 2 XY pixels), and ``seconds`` (proposal-stage time)
+    only when given: the precompute run leaves it out so that the cache's bytes do not
+    depend on the machine's speed (its summary reports the timings). float32 values
+    round-trip exactly through JSON.
     """
     height, width = proposals.image_size
-    return {
+    record = {
         "key": key,
         "name": name,
         "height": height,
@@ -184,8 +198,10 @@ def encode_record(key: str, name: str, proposals: Proposals, seconds: float) -> 
         "stability_score": [float(v) for v in np.asarray(proposals.stability_score, dtype=np.float32)],
         "boxes": np.asarray(proposals.boxes, dtype=np.float32).tolist(),
         "point_coords": np.asarray(proposals.point_coords, dtype=np.float32).tolist(),
-        "seconds": float(seconds),
     }
+    if seconds is not None:
+        record["seconds"] = float(seconds)
+    return record
 
 
 def decode_record(record: Mapping[str, Any]) -> Proposals:
@@ -218,14 +234,15 @@ class CachedFrame:
         name: the image path recorded when the cache was built.
         proposals: masks (K, H, W) bool at the original image resolution, largest first.
         features: (C, g, g) float16 backbone features, or ``None`` when not cached.
-        seconds: proposal-stage seconds recorded at precompute time.
+        seconds: proposal-stage seconds when the record holds them (caches written
+            before timings left the records), else ``None``.
     """
 
     key: str
     name: str
     proposals: Proposals
     features: np.ndarray | None
-    seconds: float
+    seconds: float | None
 
 
 class ProposalCache:
@@ -337,7 +354,7 @@ class ProposalCache:
             name=str(record.get("name", "")),
             proposals=decode_record(record),
             features=features,
-            seconds=float(record.get("seconds", 0.0)),
+            seconds=None if record.get("seconds") is None else float(record["seconds"]),
         )
 
     def lookup(self, image_path: str | Path, *, with_features: bool = True) -> CachedFrame:
@@ -385,11 +402,60 @@ def shard_path(directory: Path, index: int, suffix: str) -> Path:
     return directory / SHARD_DIR / f"{shard_name(index)}{suffix}"
 
 
+def finished_shards(directory: Path, with_features: bool) -> set[int]:
+    """Indices of the finished shards, from one listing of ``shards/`` (see :func:`shard_is_finished`)."""
+    try:
+        names = os.listdir(directory / SHARD_DIR)
+    except FileNotFoundError:
+        return set()
+    found: dict[str, set[int]] = {".jsonl": set(), ".npz": set()}
+    for name in names:
+        stem, dot, suffix = name.partition(".")
+        if stem.isdigit() and f"{dot}{suffix}" in found:
+            found[f"{dot}{suffix}"].add(int(stem))
+    return found[".jsonl"] & found[".npz"] if with_features else found[".jsonl"]
+
+
+def remove_temporaries(directory: Path) -> list[str]:
+    """Delete the temporary files a killed writer left in a complete cache; returns their names.
+
+    Temporary files (``.{name}.*.tmp``, see :func:`llmseg_ros.utils.atomic.atomic_write_stream`)
+    are never read; call this only when every shard is finished, when no process has a
+    reason to be writing one.
+    """
+    removed = []
+    for folder in (directory, directory / SHARD_DIR):
+        try:
+            names = os.listdir(folder)
+        except FileNotFoundError:
+            continue
+        for name in names:
+            if name.startswith(".") and name.endswith(".tmp"):
+                with contextlib.suppress(FileNotFoundError):
+                    (folder / name).unlink()
+                    removed.append(name)
+    return removed
+
+
 def shard_is_finished(directory: Path, index: int, with_features: bool) -> bool:
     """A shard is finished when its JSONL (and, with features, its NPZ) file exists."""
     if not shard_path(directory, index, ".jsonl").is_file():
         return False
     return not with_features or shard_path(directory, index, ".npz").is_file()
+
+
+def write_npz(handle: IO[bytes], arrays: Sequence[np.ndarray]) -> None:
+    """An uncompressed NPZ of members ``"0"``, ``"1"`` … (``np.load`` reads it), with fixed dates.
+
+    ``np.savez`` stamps each member with the current time; here the bytes depend only
+    on the arrays.
+    """
+    with zipfile.ZipFile(handle, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+        for index, array in enumerate(arrays):
+            info = zipfile.ZipInfo(f"{index}.npy", date_time=NPZ_DATE)
+            info.external_attr = 0o644 << 16
+            with archive.open(info, "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.ascontiguousarray(array), allow_pickle=False)
 
 
 def write_shard(
@@ -407,9 +473,9 @@ def write_shard(
     if features is not None:
         if len(features) != len(records):
             raise ValueError(f"got {len(features)} feature arrays for {len(records)} records")
-        arrays: dict[str, Any] = {str(i): np.asarray(f, dtype=np.float16) for i, f in enumerate(features)}
+        arrays = [np.asarray(f, dtype=np.float16) for f in features]
         atomic_write_stream(
-            shard_path(directory, index, ".npz"), lambda fh: np.savez(fh, **arrays), fsync=True
+            shard_path(directory, index, ".npz"), lambda fh: write_npz(fh, arrays), fsync=True
         )
     payload = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records).encode("utf-8")
     atomic_write_stream(shard_path(directory, index, ".jsonl"), lambda fh: fh.write(payload), fsync=True)
