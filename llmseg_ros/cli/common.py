@@ -89,3 +89,24 @@ def report_missing_inputs(config: SegmenterConfig, command: str) -> bool:
             f"Run `llmseg {command} --profile tiny ...` to see the pipeline without weights.", file=sys.stderr
         )
     return bool(missing)
+
+
+def prefer_cached_models(config: SegmenterConfig) -> SegmenterConfig:
+    """``config`` with its hub ids pointed at their local cache folders when the hub is unreachable.
+
+    Offline, the hub client retries each request for about a minute before it falls back to
+    the cache; a cached model loads at once from its folder. Online, ``config`` is unchanged.
+    """
+    from llmseg_ros.models.components import hub_model_ids
+    from llmseg_ros.utils import hub
+
+    found = {key: hub.cached_snapshot(repo_id) for key, repo_id in hub_model_ids(config).items()}
+    cached = {key: str(folder) for key, folder in found.items() if folder is not None}
+    if not cached:
+        return config
+    reason = hub.unreachable_reason()
+    if reason is None:
+        return config
+    names = ", ".join(str(getattr(config, key)) for key in cached)
+    print(f"the Hugging Face hub cannot be reached ({reason}); using the cached {names}", file=sys.stderr)
+    return config.replace(**cached)

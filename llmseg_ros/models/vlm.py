@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from llmseg_ros.config import LoraSettings
 from llmseg_ros.models.prompts import DEFAULT_ANSWER, SEG_TOKEN, format_instruction
 from llmseg_ros.utils.atomic import atomic_directory
+from llmseg_ros.utils.hub import download_command
 
 DEFAULT_VLM = "llava-hf/llava-1.5-7b-hf"
 ADAPTER_META_NAME = "segvlm.json"
@@ -253,7 +254,7 @@ class SegVLM:
             raise FileNotFoundError(
                 f"VLM directory {source} does not exist; pass a LlavaForConditionalGeneration checkpoint "
                 f"directory or a hub id such as {DEFAULT_VLM!r} (download it with `llmseg fetch-weights` "
-                f"or `huggingface-cli download {DEFAULT_VLM}`)"
+                f"or `{download_command(DEFAULT_VLM)}`)"
             )
         try:
             config = AutoConfig.from_pretrained(source)
@@ -262,7 +263,7 @@ class SegVLM:
             raise FileNotFoundError(
                 f"could not load the VLM {source!r} from the Hugging Face hub or its local cache "
                 f"(offline mode: {os.environ.get('HF_HUB_OFFLINE', '0')}): {exc}. Download it on a connected "
-                f"machine with `llmseg fetch-weights` or `huggingface-cli download {source}`, or pass a "
+                f"machine with `llmseg fetch-weights` or `{download_command(source)}`, or pass a "
                 "local checkpoint directory"
             ) from exc
         architectures = getattr(config, "architectures", None) or []
