@@ -17,7 +17,9 @@ EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_MISSING_WEIGHTS = 0, 1, 2, 3
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments that choose the models (shared by every subcommand that runs the pipeline)."""
     group = parser.add_argument_group("models")
-    group.add_argument("--config", type=Path, help="JSON/YAML file with SegmenterConfig fields")
+    group.add_argument(
+        "--config", type=Path, help="file with SegmenterConfig fields: JSON if named *.json, else YAML"
+    )
     group.add_argument("--weights", type=Path, help="directory of trained llmseg_ros weights")
     group.add_argument(
         "--profile",
