@@ -147,3 +147,27 @@ def test_cli_config_errors_exit_2_with_file_and_line(
     assert err.startswith("error: ") and "Traceback" not in err
     assert str(tmp_path) in err
     assert any(re.search(message, line) for line in err.splitlines()), err
+
+
+def test_training_scripts_report_config_errors_with_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import importlib.util
+
+    scripts = Path(__file__).resolve().parents[1] / "training"
+    bad = tmp_path / "train.yaml"
+    bad.write_text("profile: tiny\nlora: {r: 8\n", encoding="utf-8")
+    for name, argv in (("train", ["--config", str(bad)]), ("precompute", ["--proposal-config", str(bad)])):
+        spec = importlib.util.spec_from_file_location(f"script_{name}", scripts / f"{name}.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        if name == "precompute":
+            argv += ["--out", str(tmp_path / "cache"), "--images", str(DEMO)]
+        try:
+            code = module.main(argv)
+        except SystemExit as exit_:
+            code = exit_.code
+        err = capsys.readouterr().err
+        assert code == 2, name
+        assert f"cannot parse config file {bad}, line 3, column 1: expected ',' or '}}'" in err, err

@@ -119,6 +119,7 @@ def test_cached_snapshot(hub_at, closed_port: int) -> None:
     snapshot = cache_model(cache, "owner/model")
     assert hub.cached_snapshot("owner/model") == snapshot
     assert hub.cached_snapshot("owner/other") is None
+    assert hub.cached_snapshot("owner/not a valid id") is None
 
 
 def test_offline_uncached_hub_models_are_missing_before_loading(

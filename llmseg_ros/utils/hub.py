@@ -37,7 +37,7 @@ def cached_snapshot(repo_id: str) -> Path | None:
 
     try:
         folder = Path(snapshot_download(repo_id, local_files_only=True))
-    except LocalEntryNotFoundError:
+    except (LocalEntryNotFoundError, ValueError):  # not cached, or not a valid hub id at all
         return None
     return folder if (folder / "config.json").is_file() else None
 
