@@ -104,7 +104,7 @@ def cmd_fetch(args: argparse.Namespace) -> int:
         if name in result.paths:
             config[key] = str(result.paths[name])
     out = None
-    if result.paths:  # write what is here, also when something failed
+    if result.paths or not result.failures:  # what is here, also when something failed
         out = atomic_write_text(args.dir / "llmseg_config.json", json.dumps(config, indent=2) + "\n")
     if result.failures:
         print(f"error: {result.failure_report()}", file=sys.stderr)

@@ -96,8 +96,9 @@ def report_missing_inputs(config: SegmenterConfig, command: str) -> bool:
 def prefer_cached_models(config: SegmenterConfig) -> SegmenterConfig:
     """``config`` with its hub ids pointed at their local cache folders when the hub is unreachable.
 
-    Offline, the hub client retries each request for about a minute before it falls back to
-    the cache; a cached model loads at once from its folder. Online, ``config`` is unchanged.
+    Offline, the hub client retries its requests for a minute or more per model before it
+    falls back to the cache; a cached model loads at once from its folder. Online, ``config``
+    is unchanged (the hub client then checks for updates as usual).
     """
     from llmseg_ros.models.components import hub_model_ids
     from llmseg_ros.utils import hub
