@@ -8,10 +8,11 @@ form used by the CLI (``--config``), the ROS parameters and the weights director
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from llmseg_ros.utils.configfile import load_config_file
 
 METHODS = ("llmseg", "lisa", "grounded", "vlm_grounding", "vlm_marks")
 SELECTION_STRATEGIES = (
@@ -30,6 +31,13 @@ PROPOSAL_DECODERS = ("factored", "exact")
 def _check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+
+def _check_known(what: str, data: dict[str, Any], cls: type) -> None:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"unknown {what} field(s) {unknown}; expected some of {sorted(known)}")
 
 
 def _check_range(name: str, value: float, low: float, high: float) -> None:
@@ -270,29 +278,26 @@ class SegmenterConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SegmenterConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown config field(s) {unknown}; expected some of {sorted(known)}")
+        """Build from the mapping :meth:`to_dict` writes; unknown fields (nested ones too) are errors."""
+        _check_known("config", data, cls)
+        for name, section in (
+            ("proposals", ProposalConfig),
+            ("selection", SelectionConfig),
+            ("lora", LoraSettings),
+        ):
+            if isinstance(data.get(name), dict):
+                _check_known(name, data[name], section)
         return cls(**data)
 
     @classmethod
     def from_file(cls, path: str | Path) -> SegmenterConfig:
-        """Read a JSON or YAML file (by extension) holding the fields of this class."""
-        path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ValueError(f"cannot read config file {path}: {exc}") from exc
-        if path.suffix.lower() in (".yaml", ".yml"):
-            import yaml
+        """Read a JSON (``.json``) or YAML file holding the fields of this class.
 
-            data = yaml.safe_load(text)
-        else:
-            data = json.loads(text)
-        if not isinstance(data, dict):
-            raise ValueError(f"config file {path} must hold a mapping, got {type(data).__name__}")
-        return cls.from_dict(data)
+        Raises:
+            ValueError: (a :class:`~llmseg_ros.utils.configfile.ConfigFileError`) naming the
+                file, the line and what was expected.
+        """
+        return load_config_file(path).build(cls.from_dict)
 
     def replace(self, **changes: Any) -> SegmenterConfig:
         return dataclasses.replace(self, **changes)

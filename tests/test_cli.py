@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import urllib.error
@@ -122,6 +123,44 @@ def test_fetch_fails_clearly_offline(tmp_path, monkeypatch, capsys) -> None:
     assert list(tmp_path.iterdir()) == []  # nothing half-written
 
 
+def test_fetch_offline_lists_every_file_and_writes_what_it_got(tmp_path, monkeypatch, capsys) -> None:
+    import huggingface_hub
+
+    def offline_url(*args, **kwargs):
+        raise urllib.error.URLError("Temporary failure in name resolution")
+
+    def offline_hub(**kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co'\nsecond line of the hub's message")
+
+    monkeypatch.setattr(fetch.urllib.request, "urlopen", offline_url)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline_hub)
+    sam_url = fetch.SAM_RELEASE + "sam_vit_h_4b8939.pth"
+    code = cli.main(["fetch-weights", "--dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == cli.EXIT_FAIL
+    assert "could not get 3 of 3 models" in err
+    assert (
+        f"download {sam_url} on a connected machine and copy it to {tmp_path / 'sam_vit_h_4b8939.pth'}" in err
+    )
+    for repo_id, folder in (
+        ("facebook/dinov2-large", "dinov2-large"),
+        ("llava-hf/llava-1.5-7b-hf", "llava-1.5-7b-hf"),
+    ):
+        assert (
+            f"`hf download {repo_id} --local-dir {folder}` and copy the folder to {tmp_path / folder}" in err
+        )
+    assert not (tmp_path / "llmseg_config.json").exists()  # nothing to point at
+
+    (tmp_path / "sam_vit_h_4b8939.pth").write_bytes(b"copied by hand")
+    code = cli.main(["fetch-weights", "--dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == cli.EXIT_FAIL
+    assert "could not get 2 of 3 models" in err and sam_url not in err
+    assert "facebook/dinov2-large" in err and "llava-hf/llava-1.5-7b-hf" in err
+    written = json.loads((tmp_path / "llmseg_config.json").read_text())
+    assert written == {"sam_model_type": "vit_h", "sam_checkpoint": str(tmp_path / "sam_vit_h_4b8939.pth")}
+
+
 def test_download_checks_the_md5_tag(tmp_path) -> None:
     import hashlib
     import io
@@ -161,3 +200,24 @@ def test_console_entry_point_runs() -> None:
     )
     assert result.returncode == 0
     assert "segment" in result.stdout and "fetch-weights" in result.stdout
+
+
+@pytest.mark.parametrize("verbose", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_segment_output_is_free_of_dependency_chatter(tiny_profile_dir, tmp_path, verbose: bool) -> None:
+    """Without --verbose a run prints its own lines only: no loading bars, warnings or dependency logs."""
+    args = ["segment", "--profile", "tiny", "--tiny-dir", str(tiny_profile_dir), "--image", str(DEMO)]
+    args += ["--instruction", "the bin", "--out", str(tmp_path / "m.png")]
+    result = subprocess.run(
+        [sys.executable, "-m", "llmseg_ros.cli", *args, *(["--verbose"] if verbose else [])],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=DEMO.parents[2],
+    )
+    assert result.returncode == 0, result.stderr
+    assert "TINY PROFILE" in result.stdout and "mask written to" in result.stdout
+    if verbose:  # the dependencies' output is there, only shown on request
+        assert "Loading weights" in result.stderr
+    else:
+        assert result.stderr == ""
+        assert not re.search(r"\d+%\||it/s|Warning|Loading weights", result.stdout)

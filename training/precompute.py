@@ -46,9 +46,10 @@ if __package__ in (None, ""):  # run as a script from a source checkout: make th
 
 from llmseg_ros.config import SAM_MODEL_TYPES, ProposalConfig
 from llmseg_ros.training.claims import DEFAULT_LEASE_SECONDS
-from llmseg_ros.training.config import SOURCE_KINDS, read_mapping
+from llmseg_ros.training.config import SOURCE_KINDS
 from llmseg_ros.training.precompute import PrecomputeSummary
 from llmseg_ros.training.precompute_run import ENCODER_DTYPES, PrecomputeConfig, run_precompute
+from llmseg_ros.utils.configfile import load_config_file
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -104,7 +105,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def config_from_args(args: argparse.Namespace) -> PrecomputeConfig:
     """The :class:`PrecomputeConfig` the command line describes."""
     proposals = (
-        ProposalConfig(**read_mapping(args.proposal_config)) if args.proposal_config else ProposalConfig()
+        load_config_file(args.proposal_config).build(lambda data: ProposalConfig(**data))
+        if args.proposal_config
+        else ProposalConfig()
     )
     if args.max_proposals is not None:
         proposals = ProposalConfig(**{**proposals.__dict__, "max_proposals": args.max_proposals})
@@ -138,8 +141,9 @@ def main(argv: Sequence[str] | None = None) -> PrecomputeSummary:
     args = parse_args(argv)
     try:
         config = config_from_args(args)
-    except ValueError as exc:
-        raise SystemExit(f"error: {exc}") from None
+    except ValueError as exc:  # a bad config file or flag: usage error, exit 2 like argparse
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     try:
         summary = run_precompute(config)
     except ValueError as exc:

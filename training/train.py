@@ -102,8 +102,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         config = config_from_args(args)
-    except ValueError as exc:
-        raise SystemExit(f"error: {exc}") from None
+    except ValueError as exc:  # a bad config file or flag: usage error, exit 2 like argparse
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     from llmseg_ros.training.checkpoint import CheckpointError
     from llmseg_ros.training.trainer import train
 

@@ -14,6 +14,7 @@ from llmseg_ros.cli.common import (
     EXIT_OK,
     EXIT_USAGE,
     config_from_args,
+    prefer_cached_models,
     report_missing_inputs,
 )
 from llmseg_ros.tiny import TINY_BANNER
@@ -61,6 +62,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     if report_missing_inputs(config, "segment"):
         return EXIT_MISSING_WEIGHTS
+    config = prefer_cached_models(config)
     from llmseg_ros.pipeline import ReasonSegmenter
 
     segmenter = ReasonSegmenter(config)
@@ -89,26 +91,30 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
 
 def cmd_fetch(args: argparse.Namespace) -> int:
-    from llmseg_ros.weights.fetch import FetchError, FetchPlan, fetch_all
+    from llmseg_ros.utils.atomic import atomic_write_text
+    from llmseg_ros.weights.fetch import FetchPlan, fetch_all
 
     hub = tuple(m for m in (args.dinov2, args.vlm) if m)
     plan = FetchPlan(
         directory=args.dir, sam_model_type=None if args.no_sam else args.sam_model_type, hub_models=hub
     )
-    try:
-        paths = fetch_all(plan)
-    except FetchError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_FAIL
+    result = fetch_all(plan)
     config: dict[str, Any] = {"sam_model_type": args.sam_model_type}
-    if "sam" in paths:
-        config["sam_checkpoint"] = str(paths["sam"])
-    if args.dinov2 in paths:
-        config["dinov2"] = str(paths[args.dinov2])
-    if args.vlm in paths:
-        config["vlm"] = str(paths[args.vlm])
-    from llmseg_ros.utils.atomic import atomic_write_text
-
-    out = atomic_write_text(args.dir / "llmseg_config.json", json.dumps(config, indent=2) + "\n")
+    for key, name in (("sam_checkpoint", "sam"), ("dinov2", args.dinov2), ("vlm", args.vlm)):
+        if name in result.paths:
+            config[key] = str(result.paths[name])
+    out = None
+    if result.paths or not result.failures:  # what is here, also when something failed
+        out = atomic_write_text(args.dir / "llmseg_config.json", json.dumps(config, indent=2) + "\n")
+    if result.failures:
+        print(f"error: {result.failure_report()}", file=sys.stderr)
+        if out is not None:
+            print(f"wrote {out} with what is here ({', '.join(sorted(result.paths))})", file=sys.stderr)
+        print(
+            f"Once the files are in place, run `llmseg fetch-weights --dir {args.dir}` again to write "
+            "the config for all of them.",
+            file=sys.stderr,
+        )
+        return EXIT_FAIL
     print(f"done; use `llmseg segment --config {out} --weights YOUR_TRAINED_WEIGHTS ...`")
     return EXIT_OK

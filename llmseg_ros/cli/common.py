@@ -17,7 +17,9 @@ EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_MISSING_WEIGHTS = 0, 1, 2, 3
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments that choose the models (shared by every subcommand that runs the pipeline)."""
     group = parser.add_argument_group("models")
-    group.add_argument("--config", type=Path, help="JSON/YAML file with SegmenterConfig fields")
+    group.add_argument(
+        "--config", type=Path, help="file with SegmenterConfig fields: JSON if named *.json, else YAML"
+    )
     group.add_argument("--weights", type=Path, help="directory of trained llmseg_ros weights")
     group.add_argument(
         "--profile",
@@ -89,3 +91,25 @@ def report_missing_inputs(config: SegmenterConfig, command: str) -> bool:
             f"Run `llmseg {command} --profile tiny ...` to see the pipeline without weights.", file=sys.stderr
         )
     return bool(missing)
+
+
+def prefer_cached_models(config: SegmenterConfig) -> SegmenterConfig:
+    """``config`` with its hub ids pointed at their local cache folders when the hub is unreachable.
+
+    Offline, the hub client retries its requests for a minute or more per model before it
+    falls back to the cache; a cached model loads at once from its folder. Online, ``config``
+    is unchanged (the hub client then checks for updates as usual).
+    """
+    from llmseg_ros.models.components import hub_model_ids
+    from llmseg_ros.utils import hub
+
+    found = {key: hub.cached_snapshot(repo_id) for key, repo_id in hub_model_ids(config).items()}
+    cached = {key: str(folder) for key, folder in found.items() if folder is not None}
+    if not cached:
+        return config
+    reason = hub.unreachable_reason()
+    if reason is None:
+        return config
+    names = ", ".join(str(getattr(config, key)) for key in cached)
+    print(f"the Hugging Face hub cannot be reached ({reason}); using the cached {names}", file=sys.stderr)
+    return config.replace(**cached)

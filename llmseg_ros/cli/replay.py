@@ -34,6 +34,7 @@ from llmseg_ros.cli.common import (
     EXIT_USAGE,
     add_model_arguments,
     config_from_args,
+    prefer_cached_models,
     report_missing_inputs,
 )
 from llmseg_ros.tiny import TINY_BANNER
@@ -146,6 +147,7 @@ def _run_replay(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     if report_missing_inputs(config, "replay-bag"):
         return EXIT_MISSING_WEIGHTS
+    config = prefer_cached_models(config)
     from llmseg_ros.pipeline import ReasonSegmenter
 
     segmenter = ReasonSegmenter(config)

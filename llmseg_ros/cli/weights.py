@@ -17,10 +17,11 @@ from llmseg_ros.weights.importer import DEFAULT_SHARD_BYTES, FORMATS
 Command = Callable[[argparse.Namespace], int]
 
 
-def add_import_command(sub: argparse._SubParsersAction) -> None:
+def add_import_command(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
     """Register ``llmseg import-weights``."""
     imp = sub.add_parser(
         "import-weights",
+        parents=parents,
         help="convert a published LLM-Seg (DeepSpeed) or LISA (Hugging Face) checkpoint into a weights directory",
     )
     imp.add_argument(
@@ -118,8 +119,9 @@ def cmd_fetch_released(args: argparse.Namespace, fallback: Command) -> int:
     """``fetch-weights --released``: SAM (+ DINOv2 for LLM-Seg) and the checkpoints, imported."""
     if not args.released:
         return fallback(args)
+    from llmseg_ros.utils.atomic import atomic_write_text
     from llmseg_ros.weights.catalog import fetch_released
-    from llmseg_ros.weights.fetch import FetchError, FetchPlan, fetch_all
+    from llmseg_ros.weights.fetch import FetchError, FetchFailure, FetchPlan, fetch_all
 
     names = tuple(dict.fromkeys(args.released))
     needs_dinov2 = any(RELEASED[name].method == "llmseg" for name in names)
@@ -128,24 +130,31 @@ def cmd_fetch_released(args: argparse.Namespace, fallback: Command) -> int:
         plan = FetchPlan(
             directory=args.dir, sam_model_type=None if args.no_sam else args.sam_model_type, hub_models=hub
         )
-        paths = fetch_all(plan)
-        dinov2 = paths.get(args.dinov2) if hub else None
-        for name in names:
-            paths[name] = fetch_released(name, args.dir, sam=paths.get("sam"), dinov2=dinov2)
-    except (FetchError, ValueError, OSError) as exc:
+    except ValueError as exc:
         return _failed(exc)
-    config = {
-        "sam_model_type": args.sam_model_type,
-        **({"sam_checkpoint": str(paths["sam"])} if "sam" in paths else {}),
-    }
+    result = fetch_all(plan)  # goes on past failures; so do the checkpoints below
+    paths = dict(result.paths)
+    dinov2 = paths.get(args.dinov2) if hub else None
+    for name in names:
+        try:
+            paths[name] = fetch_released(name, args.dir, sam=paths.get("sam"), dinov2=dinov2)
+        except FetchError as exc:
+            result.failures.append(FetchFailure(name, args.dir / name, exc.reason, exc.remedy))
+        except (ValueError, OSError) as exc:
+            return _failed(exc)
+    config: dict[str, str] = {"sam_model_type": args.sam_model_type}
+    if "sam" in paths:
+        config["sam_checkpoint"] = str(paths["sam"])
     if dinov2 is not None:
         config["dinov2"] = str(dinov2)
-    from llmseg_ros.utils.atomic import atomic_write_text
-
     written = atomic_write_text(args.dir / "llmseg_config.json", json.dumps(config, indent=2) + "\n")
     print(f"model paths written to {written} (use it with --config)")
-    for name in names:
+    for name in (n for n in names if n in paths):
         entry = RELEASED[name]
         print(f"{name}: should reproduce {entry.reproduces}")
         print(_run_hint(paths[name], entry.method, paths.get("sam"), dinov2))
+    if result.failures:
+        result.paths.update(paths)
+        print(f"error: {result.failure_report()}", file=sys.stderr)
+        return EXIT_FAIL
     return EXIT_OK

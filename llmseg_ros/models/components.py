@@ -46,12 +46,26 @@ def _looks_like_path(value: str) -> bool:
     return value.startswith(("/", ".", "~")) or Path(value).exists() or value.count("/") != 1
 
 
-def missing_inputs(config: SegmenterConfig) -> list[str]:
-    """Human-readable lines, one per missing local file or directory the method needs.
+MODEL_FIELDS = {"dinov2": "DINOv2 model", "vlm": "VLM", "detector": "detector"}
 
-    Hub ids are not checked here (they are resolved, or fail with their own message, when
-    the model loads); local paths that do not exist are reported with how to get them.
+
+def hub_model_ids(config: SegmenterConfig) -> dict[str, str]:
+    """The model fields ``config.method`` needs that hold hub ids, not local paths (field → id)."""
+    needs = METHOD_NEEDS[config.method]
+    values = {key: str(getattr(config, key)) for key in MODEL_FIELDS if key in needs}
+    return {key: value for key, value in values.items() if not _looks_like_path(value)}
+
+
+def missing_inputs(config: SegmenterConfig) -> list[str]:
+    """Human-readable lines, one per model file or directory the method needs and cannot get.
+
+    Local paths that do not exist are reported with how to get them. A hub id counts as
+    missing when it is not in the local Hugging Face cache and the hub cannot be reached
+    (offline mode, or no connection within a few seconds): loading it would only end in
+    the hub client's retries. Hub ids that are cached, or reachable, are not checked further.
     """
+    from llmseg_ros.utils import hub
+
     needs = METHOD_NEEDS[config.method]
     problems: list[str] = []
     if "sam" in needs:
@@ -65,12 +79,22 @@ def missing_inputs(config: SegmenterConfig) -> list[str]:
                 f"SAM checkpoint: {config.sam_checkpoint} not found; get it with `llmseg fetch-weights` "
                 "or from the segment-anything release"
             )
-    for key, label in (("dinov2", "DINOv2 model"), ("vlm", "VLM"), ("detector", "detector")):
-        if key not in needs:
-            continue
+    hub_ids = hub_model_ids(config)
+    for key, label in MODEL_FIELDS.items():
         value = str(getattr(config, key))
-        if _looks_like_path(value) and not Path(value).expanduser().exists():
+        if key in needs and key not in hub_ids and not Path(value).expanduser().exists():
             problems.append(f"{label}: {value} not found; download it with `llmseg fetch-weights`")
+    uncached = {key: value for key, value in hub_ids.items() if hub.cached_snapshot(value) is None}
+    unreachable = hub.unreachable_reason() if uncached else None
+    if unreachable is not None:
+        for key, value in uncached.items():
+            local = f"weights/{value.split('/')[-1]}"
+            problems.append(
+                f"{MODEL_FIELDS[key]}: {value} is not in the local Hugging Face cache and the hub cannot "
+                f"be reached ({unreachable}); on a connected machine run "
+                f"`{hub.download_command(value, local)}` (or `llmseg fetch-weights`), copy {local} here "
+                f"and set {key} to it"
+            )
     if "weights" in needs:
         if config.weights_dir is None:
             problems.append(

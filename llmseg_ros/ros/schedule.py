@@ -19,7 +19,6 @@ tolerance, and wins over ``instruction`` on that frame.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import Any
 
 from llmseg_ros.config import SELECTION_STRATEGIES
 from llmseg_ros.ros.frames import NS_PER_S, nearest_index
+from llmseg_ros.utils.configfile import load_config_file
 
 
 @dataclass
@@ -134,19 +134,8 @@ class ReplaySchedule:
 
     @classmethod
     def from_file(cls, path: str | Path) -> ReplaySchedule:
-        """Read a ``.json`` file as JSON, anything else as YAML."""
-        path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ValueError(f"cannot read the instructions file {path}: {exc}") from exc
-        import yaml
-
-        try:
-            data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
-        except (json.JSONDecodeError, yaml.YAMLError, RecursionError) as exc:
-            raise ValueError(f"cannot parse the instructions file {path}: {exc}") from exc
-        return cls.from_mapping(data)
+        """Read a ``.json`` file as JSON, anything else as YAML (errors name the file and line)."""
+        return load_config_file(path, what="the instructions file").build(cls.from_mapping)
 
     def plan(self, stamps: list[int]) -> tuple[dict[int, str], list[TimedInstruction]]:
         """Instruction per colour-frame index for frames with header ``stamps`` (bag order).

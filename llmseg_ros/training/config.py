@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from llmseg_ros.config import SAM_MODEL_TYPES, LoraSettings, ProposalConfig, SelectionConfig
+from llmseg_ros.utils.configfile import load_config_file
 
 SOURCE_KINDS = ("reasonseg", "llmseg40k", "jsonl")
 INSTRUCTION_CHOICES = ("random", "first")
@@ -340,8 +341,8 @@ class TrainConfig:
 
     @classmethod
     def from_file(cls, path: str | Path) -> TrainConfig:
-        """Read a YAML (``.yaml``/``.yml``) or JSON file holding the fields of this class."""
-        return cls.from_dict(read_mapping(path))
+        """Read a JSON (``.json``) or YAML file holding the fields of this class (errors name file and line)."""
+        return load_config_file(path).build(cls.from_dict)
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
@@ -377,18 +378,5 @@ def _build(cls: Any, data: Any, what: str) -> Any:
 
 
 def read_mapping(path: str | Path) -> dict[str, Any]:
-    """Parse a YAML or JSON file (by extension) that must hold a mapping."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ValueError(f"cannot read config file {path}: {exc}") from exc
-    if path.suffix.lower() in (".yaml", ".yml"):
-        import yaml
-
-        data = yaml.safe_load(text)
-    else:
-        data = json.loads(text)
-    if not isinstance(data, dict):
-        raise ValueError(f"config file {path} must hold a mapping, got {type(data).__name__}")
-    return data
+    """Parse a JSON (``.json``) or YAML file that must hold a mapping (``ValueError`` names file and line)."""
+    return load_config_file(path).data

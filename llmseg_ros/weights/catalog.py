@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from llmseg_ros.weights.fetch import FetchError
+from llmseg_ros.weights.fetch import snapshot
 
 LLAVA_LIGHTNING_7B = "liuhaotian/LLaVA-Lightning-7B-delta-v1-1"  # config.json + tokenizer only
 CLIP_VIT_L14 = "openai/clip-vit-large-patch14"
@@ -110,22 +110,6 @@ RELEASED: dict[str, ReleasedCheckpoint] = {
 }
 
 Downloader = Callable[[str, Path, tuple[str, ...]], Path]
-
-
-def snapshot(repo_id: str, target: Path, patterns: tuple[str, ...]) -> Path:
-    """Download the files of ``repo_id`` matching ``patterns`` into ``target`` (resumable,
-    hash-checked by the hub client)."""
-    from huggingface_hub import snapshot_download
-
-    try:
-        snapshot_download(repo_id=repo_id, local_dir=str(target), allow_patterns=list(patterns))
-    except Exception as exc:  # the hub client raises many types for offline / forbidden
-        raise FetchError(
-            f"cannot download {repo_id} from the Hugging Face hub ({type(exc).__name__}: {exc}). On an offline "
-            f"machine, download it elsewhere (`huggingface-cli download {repo_id} --local-dir {target}`, files "
-            f"{', '.join(patterns)}) and copy the folder here"
-        ) from exc
-    return target
 
 
 def released(name: str) -> ReleasedCheckpoint:

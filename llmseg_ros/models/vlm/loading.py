@@ -17,6 +17,7 @@ import torch
 from llmseg_ros.config import LoraSettings
 from llmseg_ros.models.prompts import SEG_TOKEN
 from llmseg_ros.utils.atomic import atomic_directory
+from llmseg_ros.utils.hub import download_command
 
 DEFAULT_VLM = "llava-hf/llava-1.5-7b-hf"
 ADAPTER_META_NAME = "segvlm.json"
@@ -90,7 +91,7 @@ def resolve_source(model: str | Path) -> str:
         raise FileNotFoundError(
             f"VLM directory {source} does not exist; pass a LlavaForConditionalGeneration checkpoint "
             f"directory or a hub id such as {DEFAULT_VLM!r} (download it with `llmseg fetch-weights` "
-            f"or `huggingface-cli download {DEFAULT_VLM}`)"
+            f"or `{download_command(DEFAULT_VLM)}`)"
         )
     return source
 
@@ -119,7 +120,7 @@ def load_llava(
         raise FileNotFoundError(
             f"could not load the VLM {source!r} from the Hugging Face hub or its local cache "
             f"(offline mode: {os.environ.get('HF_HUB_OFFLINE', '0')}): {exc}. Download it on a connected "
-            f"machine with `llmseg fetch-weights` or `huggingface-cli download {source}`, or pass a "
+            f"machine with `llmseg fetch-weights` or `{download_command(source)}`, or pass a "
             "local checkpoint directory"
         ) from exc
     architectures = getattr(config, "architectures", None) or []
