@@ -16,15 +16,18 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from llmseg_ros.config import SegmenterConfig, SelectionConfig
+from llmseg_ros.config import SegmenterConfig, SelectionConfig, TrackerConfig
 from llmseg_ros.methods import SegmentationMethod, SegmentRequest, build_method
 from llmseg_ros.models.components import Components
 from llmseg_ros.types import FrameFeatures, SegmentResult
 from llmseg_ros.utils.imageio import check_rgb_image
+
+if TYPE_CHECKING:
+    from llmseg_ros.tracking import Tracker, TrackingModels
 
 FRAME_KEY = "frame_key"
 DEFAULT_ANSWER = "It is <SEG>."
@@ -44,6 +47,7 @@ class ReasonSegmenter:
         self._lock = threading.RLock()
         self._conversations: OrderedDict[str, tuple[str, list[tuple[str, str]]]] = OrderedDict()
         self._max_conversations = max_conversations
+        self._tracking: TrackingModels | None = None
 
     # -- lifecycle -------------------------------------------------------------------
     @property
@@ -63,6 +67,8 @@ class ReasonSegmenter:
         with self._lock:
             self._method = None
             self._conversations.clear()
+            if self._tracking is not None:
+                self._tracking.release()
             self.components.release()
 
     @property
@@ -141,6 +147,61 @@ class ReasonSegmenter:
         timings["total"] = time.perf_counter() - t0
         result.timings = timings
         return result
+
+    # -- tracking ----------------------------------------------------------------------------
+    def track(
+        self,
+        frame_or_image: FrameFeatures | np.ndarray,
+        result: SegmentResult,
+        *,
+        instruction: str | None = None,
+        config: TrackerConfig | None = None,
+        track_id: str | None = None,
+        stamp_ns: int | None = None,
+    ) -> Tracker:
+        """Start following ``result``'s target on later frames (``Tracker.update``).
+
+        Args:
+            frame_or_image: the frame ``result`` answers (prepared, or the raw image).
+            result: any method's answer on that frame, with a non-empty mask.
+            instruction: the instruction behind ``result``; with it the tracker re-runs
+                the full method when ``config``'s re-query policy asks, without it never.
+            config: propagation backend, re-query policy, lost and timeout rules.
+            track_id: the track's id (default: a fresh unique one).
+            stamp_ns: the frame's stamp in ns (default: a monotonic clock; then leave
+                every update's stamp to the clock too).
+        Returns:
+            A :class:`~llmseg_ros.tracking.Tracker`; its ``start_result`` is the answer
+            the track starts from.
+        """
+        from llmseg_ros.tracking import Tracker, TrackingModels, as_frame, is_light, new_track_id
+
+        cfg = config if config is not None else TrackerConfig()
+        if not isinstance(cfg, TrackerConfig):
+            raise TypeError(f"config must be a TrackerConfig, got {type(cfg).__name__}")
+        frame = as_frame(frame_or_image)
+        requery = None
+        text: str | None = None
+        if instruction is not None:
+            text = query_text = self.validate_instruction(instruction)
+
+            def requery(new_frame: FrameFeatures) -> SegmentResult:
+                return self.segment(new_frame.image if is_light(new_frame) else new_frame, query_text)
+
+        with self._lock:
+            if self._tracking is None:
+                self._tracking = TrackingModels(self.components)
+            tracking = self._tracking
+        return Tracker(
+            track_id or new_track_id(),
+            tracking.propagator(cfg),
+            frame,
+            result,
+            cfg,
+            instruction=text,
+            requery=requery,
+            stamp_ns=stamp_ns,
+        )
 
     # -- conversations -------------------------------------------------------------------
     def _history(self, conversation_id: str | None, frame: FrameFeatures) -> list[tuple[str, str]]:
