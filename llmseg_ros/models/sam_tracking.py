@@ -39,7 +39,7 @@ class SamPropagation:
             next step's dense prompt).
         predicted_iou: SAM's IoU prediction for the mask (unclipped).
         stability: stability score in [0, 1] (IoU of the mask thresholded at
-            ±``STABILITY_OFFSET`` logits).
+            ±``STABILITY_OFFSET`` logits; 0 when both are empty).
     """
 
     mask: np.ndarray
@@ -112,7 +112,10 @@ def propagate_mask(
     in_h, in_w = encoding.input_size
     scale = low_res.shape[-1] / float(sam.image_encoder.img_size)
     valid = low_res[..., : max(1, round(in_h * scale)), : max(1, round(in_w * scale))]
-    stability = float(calculate_stability_score(valid[0], threshold, STABILITY_OFFSET)[0])
+    # an empty mask at both thresholds is 0 / 0: no object, no stability
+    stability = float(
+        torch.nan_to_num(calculate_stability_score(valid[0], threshold, STABILITY_OFFSET), nan=0.0)[0]
+    )
     logits = sam.postprocess_masks(low_res, encoding.input_size, encoding.original_size)
     mask = (logits[0, 0] > threshold).cpu().numpy()
     return SamPropagation(

@@ -18,7 +18,7 @@ import torch
 
 from llmseg_ros.utils.atomic import atomic_directory
 
-TINY_SAM2_IMAGE_SIZE = 256
+TINY_SAM2_IMAGE_SIZE = 128
 TINY_SAM2_WIDTH = 128
 TINY_SAM2_STAGE_DIMS = [16, 32, 64, 128]
 

@@ -23,6 +23,7 @@ Different trackers update in parallel (they share models, not state).
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -204,6 +205,8 @@ class Tracker:
             answer: SegmentResult | None = None
             if reason is None:
                 propagated = self._propagator.step(frame, timings)
+                if not math.isfinite(propagated.confidence):
+                    propagated.confidence = 0.0
                 reason = self._policy.requery_after(state, propagated.confidence)
                 if reason is None:
                     answer = SegmentResult(
@@ -227,6 +230,8 @@ class Tracker:
                     self._propagator.clear()
             mask = np.asarray(answer.mask, dtype=bool)
             area = float(mask.mean()) if mask.size else 0.0
+            if not math.isfinite(answer.confidence):  # never let a NaN score pass as "not weak"
+                answer.confidence = 0.0
             self._policy.judge(state, confidence=answer.confidence, area_fraction=area, requeried=requeried)
             timings["total"] = time.perf_counter() - t0
             with self._status_lock:
