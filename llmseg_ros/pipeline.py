@@ -173,6 +173,11 @@ class ReasonSegmenter:
         Returns:
             A :class:`~llmseg_ros.tracking.Tracker`; its ``start_result`` is the answer
             the track starts from.
+        Raises:
+            ValueError: an empty answer, a mask that does not fit the frame, or a bad
+                instruction.
+            TypeError: ``config`` is not a TrackerConfig, or the frame is neither
+                FrameFeatures nor an image.
         """
         from llmseg_ros.tracking import Tracker, TrackingModels, as_frame, is_light, new_track_id
 

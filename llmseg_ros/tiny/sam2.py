@@ -75,22 +75,18 @@ def tiny_sam2_video_config(image_size: int = TINY_SAM2_IMAGE_SIZE) -> Any:
     )
 
 
-def save_tiny_sam2_video(
-    directory: str | Path, seed: int = 0, image_size: int = TINY_SAM2_IMAGE_SIZE
-) -> Path:
-    """Write a tiny random SAM 2 video model and its processor to ``directory`` (atomically).
-
-    Load it back with ``llmseg_ros.models.sam2_video.Sam2VideoPredictor.load(directory)``
-    or ``TrackerConfig(backend="sam2", sam2_model=directory)``.
-    """
+def save_sam2_video(directory: str | Path, config: Any, seed: int = 0) -> Path:
+    """Write a random ``Sam2VideoModel`` of ``config`` and its processor to ``directory``
+    (atomically); load it back with ``Sam2VideoPredictor.load(directory)``."""
     from transformers import Sam2VideoModel, Sam2VideoProcessor
     from transformers.models.sam2.image_processing_sam2 import Sam2ImageProcessor
     from transformers.models.sam2_video.video_processing_sam2_video import Sam2VideoVideoProcessor
 
     directory = Path(directory).expanduser()
+    image_size = int(config.image_size)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = Sam2VideoModel(tiny_sam2_video_config(image_size)).eval()
+        model = Sam2VideoModel(config).eval()
     size = {"height": image_size, "width": image_size}
     processor = Sam2VideoProcessor(
         image_processor=Sam2ImageProcessor(
@@ -103,3 +99,14 @@ def save_tiny_sam2_video(
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
     return directory
+
+
+def save_tiny_sam2_video(
+    directory: str | Path, seed: int = 0, image_size: int = TINY_SAM2_IMAGE_SIZE
+) -> Path:
+    """Write the tiny random SAM 2 video model and its processor to ``directory``.
+
+    Load it back with ``llmseg_ros.models.sam2_video.Sam2VideoPredictor.load(directory)``
+    or ``TrackerConfig(backend="sam2", sam2_model=directory)``.
+    """
+    return save_sam2_video(directory, tiny_sam2_video_config(image_size), seed)

@@ -32,6 +32,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from llmseg_ros.config import TrackerConfig
+from llmseg_ros.methods.common import proposal_free_result
 from llmseg_ros.tracking.frames import as_frame
 from llmseg_ros.tracking.policy import TrackPolicy, TrackState
 from llmseg_ros.tracking.propagators import Propagator
@@ -134,6 +135,7 @@ class Tracker:
         self._confidence = float(result.confidence)
         self.start_result = self._tracked(
             result,
+            self._state,
             source="start",
             requery_reason=None,
             extra_timings={**result.timings, **timings},
@@ -209,14 +211,12 @@ class Tracker:
                     propagated.confidence = 0.0
                 reason = self._policy.requery_after(state, propagated.confidence)
                 if reason is None:
-                    answer = SegmentResult(
-                        mask=propagated.mask,
-                        selected=[],
-                        similarity=np.zeros(0, np.float32),
-                        iop=np.zeros(0, np.float32),
-                        confidence=propagated.confidence,
-                        num_proposals=0,
-                        method=f"{self._propagator.backend}_track",
+                    answer = proposal_free_result(
+                        f"{self._propagator.backend}_track",
+                        propagated.mask,
+                        propagated.confidence,
+                        answer=None,
+                        timings={},
                         extras=dict(propagated.scores),
                     )
             requeried = answer is None
@@ -242,6 +242,7 @@ class Tracker:
                 self._confidence = float(answer.confidence)
             return self._tracked(
                 answer,
+                state,
                 source="requery" if requeried else "propagated",
                 requery_reason=reason,
                 extra_timings=timings,
@@ -250,12 +251,13 @@ class Tracker:
     def _tracked(
         self,
         answer: SegmentResult,
+        state: TrackState,
         *,
         source: str,
         requery_reason: str | None,
         extra_timings: dict[str, float],
     ) -> TrackedResult:
-        state = self._state if source == "start" else self._peek()
+        """``answer`` with ``state``'s tracking fields (a lost target's mask is empty)."""
         mask = np.asarray(answer.mask, dtype=bool)
         if state.lost:
             mask = np.zeros_like(mask)
@@ -281,7 +283,3 @@ class Tracker:
             expired=state.ended is not None and state.ended.startswith("expired"),
             end_reason=state.ended,
         )
-
-    def _peek(self) -> TrackState:
-        with self._status_lock:
-            return replace(self._state)
