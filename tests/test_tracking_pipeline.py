@@ -12,29 +12,15 @@ import threading
 import numpy as np
 import pytest
 import torch
+from tracking_helpers import answer
 
 from llmseg_ros.config import TrackerConfig
 from llmseg_ros.methods.common import SAM_KEY
 from llmseg_ros.models.sam_prompting import encode_image
-from llmseg_ros.pipeline import ReasonSegmenter
-from llmseg_ros.tiny.sam import save_tiny_sam
 from llmseg_ros.tracking import light_frame
-from llmseg_ros.types import SegmentResult, TrackedResult
+from llmseg_ros.types import TrackedResult
 
 MS = 1_000_000
-
-
-def answer(mask: np.ndarray, method: str = "test") -> SegmentResult:
-    """Any method's answer with this mask."""
-    return SegmentResult(
-        mask=mask,
-        selected=[],
-        similarity=np.zeros(0, np.float32),
-        iop=np.zeros(0, np.float32),
-        confidence=0.9,
-        num_proposals=0,
-        method=method,
-    )
 
 
 def circle_mask(image: np.ndarray) -> np.ndarray:
@@ -46,13 +32,10 @@ def shifted(image: np.ndarray, dx: int) -> np.ndarray:
     return np.ascontiguousarray(np.roll(image, dx, axis=1))
 
 
-@pytest.fixture(scope="module")
-def seg(tiny_config_factory, tmp_path_factory):
-    """The tiny profile with a tiny SAM at 256 px input (16x cheaper to encode than its 1024)."""
-    sam = save_tiny_sam(tmp_path_factory.mktemp("sam256") / "sam_tiny_256.pth", image_size=256)
-    segmenter = ReasonSegmenter(tiny_config_factory("llmseg").replace(sam_checkpoint=str(sam)))
-    yield segmenter
-    segmenter.close()
+@pytest.fixture
+def seg(tracking_segmenter):
+    """The tiny llmseg pipeline of ``conftest.py`` (shared by the module's tests)."""
+    return tracking_segmenter
 
 
 def test_track_any_answer_and_update_every_frame(seg, scene_image) -> None:

@@ -8,31 +8,17 @@ import threading
 
 import numpy as np
 import pytest
+from tracking_helpers import answer
 
 from llmseg_ros.config import TrackerConfig
-from llmseg_ros.pipeline import ReasonSegmenter
 from llmseg_ros.ros.frames import Frame, HeaderData
 from llmseg_ros.ros.tracks import TrackSet, TrackStep, TrackWorker
-from llmseg_ros.tiny.sam import save_tiny_sam
-from llmseg_ros.types import SegmentResult
 
 MS = 1_000_000
 
 
 def frame_at(image: np.ndarray, stamp_ns: int) -> Frame:
     return Frame(header=HeaderData(stamp_ns, "camera_optical"), rgb=image)
-
-
-def answer(mask: np.ndarray) -> SegmentResult:
-    return SegmentResult(
-        mask=mask,
-        selected=[],
-        similarity=np.zeros(0, np.float32),
-        iop=np.zeros(0, np.float32),
-        confidence=0.8,
-        num_proposals=0,
-        method="llmseg",
-    )
 
 
 def box_mask(image: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
@@ -58,13 +44,10 @@ class CountingLock:
         self.lock.release()
 
 
-@pytest.fixture(scope="module")
-def seg(tiny_config_factory, tmp_path_factory):
-    """The tiny profile with a tiny SAM at 256 px input (16x cheaper to encode than its 1024)."""
-    sam = save_tiny_sam(tmp_path_factory.mktemp("sam256") / "sam_tiny_256.pth", image_size=256)
-    segmenter = ReasonSegmenter(tiny_config_factory("llmseg").replace(sam_checkpoint=str(sam)))
-    yield segmenter
-    segmenter.close()
+@pytest.fixture
+def seg(tracking_segmenter):
+    """The tiny llmseg pipeline of ``conftest.py`` (shared by the module's tests)."""
+    return tracking_segmenter
 
 
 def test_two_tracks_update_on_every_frame_with_ids_and_stop(seg, scene_image) -> None:

@@ -16,11 +16,11 @@ import time
 import numpy as np
 import pytest
 import torch
+from tracking_helpers import answer
 
 from llmseg_ros.config import SegmenterConfig
 from llmseg_ros.data.motion import MotionConfig, generate_motion_sequence
 from llmseg_ros.pipeline import ReasonSegmenter
-from llmseg_ros.types import SegmentResult
 
 pytestmark = pytest.mark.slow
 
@@ -36,18 +36,6 @@ LOST_WITHIN = 3  # frames after the target has left the image
 def iou(a: np.ndarray, b: np.ndarray) -> float:
     union = np.logical_or(a, b).sum()
     return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
-
-
-def ground_truth_answer(mask: np.ndarray) -> SegmentResult:
-    return SegmentResult(
-        mask=mask,
-        selected=[],
-        similarity=np.zeros(0, np.float32),
-        iop=np.zeros(0, np.float32),
-        confidence=1.0,
-        num_proposals=0,
-        method="ground_truth",
-    )
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +60,7 @@ def track_sequence(
     sequence = generate_motion_sequence(
         seed, MotionConfig(num_frames=FRAMES, target_radius=TARGET_RADIUS, exit=exit)
     )
-    tracker = seg.track(sequence.frames[0], ground_truth_answer(sequence.masks[0]), stamp_ns=0)
+    tracker = seg.track(sequence.frames[0], answer(sequence.masks[0], "ground_truth", 1.0), stamp_ns=0)
     results = [tracker.update(sequence.frames[t], stamp_ns=t * FRAME_NS) for t in range(1, FRAMES)]
     return results, sequence.masks[1:], sequence.exit_frame
 
