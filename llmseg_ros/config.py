@@ -26,6 +26,7 @@ SAM_MODEL_TYPES = ("vit_h", "vit_l", "vit_b", "tiny")
 QUANTIZATION = (None, "8bit", "4bit")
 PROPOSAL_IMPLEMENTATIONS = ("fast", "reference")
 PROPOSAL_DECODERS = ("factored", "exact")
+TRACKER_BACKENDS = ("sam", "sam2")
 
 
 def _check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:
@@ -88,6 +89,97 @@ class SelectionConfig:
         _check_range("iop_threshold", self.iop_threshold, 0.0, 1.0)
         if self.top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+
+
+@dataclass
+class TrackerConfig:
+    """How a tracked answer follows its target from frame to frame (``ReasonSegmenter.track``).
+
+    Propagation (``backend``):
+        ``sam``: the pipeline's SAM, prompted on each new frame's image encoding with the
+        previous mask's box (enlarged by ``box_margin``), ``positive_points`` points
+        inside the previous mask, ``negative_points`` points around its box, and the
+        previous low-resolution mask logits as the dense prompt. ``sam2``: SAM 2's video
+        predictor (``Sam2VideoModel`` from transformers, with its memory bank) loaded
+        from ``sam2_model`` (a local directory or hub id).
+
+    Confidence and loss of the target: each update's confidence is in [0, 1] (``sam``:
+    SAM's predicted IoU times the mask's stability score; ``sam2``: SAM 2's
+    object-presence probability). A frame is *weak* when its confidence is below
+    ``lost_below`` or its mask covers less than ``min_area_fraction`` of the image; the
+    track is *lost* after ``lost_patience`` weak frames in a row (at once when the mask is
+    empty), and recovers on the next confident frame.
+
+    Re-query policy (needs the instruction the track was started with): the full method
+    runs again on a frame when ``requery_every`` frames have passed since the last full
+    answer (0 = never), when the propagated confidence is below ``requery_below``
+    (0 = never), and every ``lost_requery_every`` frames while the track is lost (0 =
+    never). Its answer replaces the propagated one.
+
+    Timeout: the track *expires* when ``timeout_s`` seconds of frame time (header
+    stamps) pass without a confident update.
+
+    Attributes:
+        backend: ``sam`` | ``sam2`` (see above).
+        sam2_model: SAM 2 video model directory or hub id; required for ``sam2``.
+        positive_points: points sampled inside the previous mask (>= 0).
+        negative_points: points sampled outside the previous box (>= 0).
+        box_margin: the box prompt grows by this fraction of its width / height on
+            every side (room for motion between frames).
+        requery_every: frames between periodic full re-queries; 0 = never.
+        requery_below: re-query when the propagated confidence is below this; 0 = never.
+        lost_requery_every: frames between re-query attempts while lost; 0 = never.
+        lost_below: confidence below which a frame is weak.
+        lost_patience: consecutive weak frames before the track is lost (>= 1).
+        min_area_fraction: masks smaller than this fraction of the image count as empty.
+        timeout_s: seconds without a confident update before the track expires (> 0).
+        seed: seed of the prompt-point sampling (updates are reproducible).
+    """
+
+    backend: str = "sam"
+    sam2_model: str | None = None
+    positive_points: int = 3
+    negative_points: int = 4
+    box_margin: float = 0.1
+    requery_every: int = 0
+    requery_below: float = 0.3
+    lost_requery_every: int = 10
+    lost_below: float = 0.5
+    lost_patience: int = 3
+    min_area_fraction: float = 1e-4
+    timeout_s: float = 5.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_choice("backend", self.backend, TRACKER_BACKENDS)
+        if self.backend == "sam2" and not self.sam2_model:
+            raise ValueError(
+                "sam2_model must name a SAM 2 video model (directory or hub id) for backend 'sam2'"
+            )
+        for name in ("positive_points", "negative_points", "requery_every", "lost_requery_every", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+        if (
+            isinstance(self.lost_patience, bool)
+            or not isinstance(self.lost_patience, int)
+            or self.lost_patience < 1
+        ):
+            raise ValueError(f"lost_patience must be an integer >= 1, got {self.lost_patience!r}")
+        _check_range("box_margin", self.box_margin, 0.0, 2.0)
+        _check_range("requery_below", self.requery_below, 0.0, 1.0)
+        _check_range("lost_below", self.lost_below, 0.0, 1.0)
+        _check_range("min_area_fraction", self.min_area_fraction, 0.0, 1.0)
+        if not (self.timeout_s > 0):
+            raise ValueError(f"timeout_s must be > 0 seconds, got {self.timeout_s!r}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrackerConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown tracker field(s) {unknown}; expected some of {sorted(known)}")
+        return cls(**data)
 
 
 @dataclass

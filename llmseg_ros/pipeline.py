@@ -19,11 +19,11 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from llmseg_ros.config import PromptFormat, SegmenterConfig, SelectionConfig
+from llmseg_ros.config import PromptFormat, SegmenterConfig, SelectionConfig, TrackerConfig
 from llmseg_ros.conversations import (
     FRAME_KEY,
     ConversationStore,
@@ -42,6 +42,9 @@ from llmseg_ros.utils.imageio import check_rgb_image
 from llmseg_ros.utils.text import check_text
 
 __all__ = ["FRAME_KEY", "ReasonSegmenter"]
+
+if TYPE_CHECKING:
+    from llmseg_ros.tracking import Tracker, TrackingModels
 
 
 class ReasonSegmenter:
@@ -66,6 +69,7 @@ class ReasonSegmenter:
         self._counter: PromptCounter | None = None
         self._lock = threading.RLock()
         self._conversations = ConversationStore(config.conversation)
+        self._tracking: TrackingModels | None = None
 
     # -- lifecycle -------------------------------------------------------------------
     @property
@@ -87,6 +91,8 @@ class ReasonSegmenter:
             self._method = None
             self._counter = None
             self._conversations.clear()
+            if self._tracking is not None:
+                self._tracking.release()
             self.components.release()
 
     @property
@@ -186,6 +192,66 @@ class ReasonSegmenter:
         """The answer a turn without a text answer is remembered with: the one the weights were taught."""
         prompt = getattr(getattr(self.method, "vlm", None), "prompt", None)
         return prompt.answer if isinstance(prompt, PromptFormat) else DEFAULT_ANSWER
+
+    # -- tracking ----------------------------------------------------------------------------
+    def track(
+        self,
+        frame_or_image: FrameFeatures | np.ndarray,
+        result: SegmentResult,
+        *,
+        instruction: str | None = None,
+        config: TrackerConfig | None = None,
+        track_id: str | None = None,
+        stamp_ns: int | None = None,
+    ) -> Tracker:
+        """Start following ``result``'s target on later frames (``Tracker.update``).
+
+        Args:
+            frame_or_image: the frame ``result`` answers (prepared, or the raw image).
+            result: any method's answer on that frame, with a non-empty mask.
+            instruction: the instruction behind ``result``; with it the tracker re-runs
+                the full method when ``config``'s re-query policy asks, without it never.
+            config: propagation backend, re-query policy, lost and timeout rules.
+            track_id: the track's id (default: a fresh unique one).
+            stamp_ns: the frame's stamp in ns (default: a monotonic clock; then leave
+                every update's stamp to the clock too).
+        Returns:
+            A :class:`~llmseg_ros.tracking.Tracker`; its ``start_result`` is the answer
+            the track starts from.
+        Raises:
+            ValueError: an empty answer, a mask that does not fit the frame, or a bad
+                instruction.
+            TypeError: ``config`` is not a TrackerConfig, or the frame is neither
+                FrameFeatures nor an image.
+        """
+        from llmseg_ros.tracking import Tracker, TrackingModels, as_frame, is_light, new_track_id
+
+        cfg = config if config is not None else TrackerConfig()
+        if not isinstance(cfg, TrackerConfig):
+            raise TypeError(f"config must be a TrackerConfig, got {type(cfg).__name__}")
+        frame = as_frame(frame_or_image)
+        requery = None
+        text: str | None = None
+        if instruction is not None:
+            text = query_text = self.validate_instruction(instruction)
+
+            def requery(new_frame: FrameFeatures) -> SegmentResult:
+                return self.segment(new_frame.image if is_light(new_frame) else new_frame, query_text)
+
+        with self._lock:
+            if self._tracking is None:
+                self._tracking = TrackingModels(self.components)
+            tracking = self._tracking
+        return Tracker(
+            track_id or new_track_id(),
+            tracking.propagator(cfg),
+            frame,
+            result,
+            cfg,
+            instruction=text,
+            requery=requery,
+            stamp_ns=stamp_ns,
+        )
 
     # -- conversations -------------------------------------------------------------------
     def conversation_history(self, conversation_id: str, frame: FrameFeatures) -> list[Turn]:

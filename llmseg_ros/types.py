@@ -150,3 +150,46 @@ class SegmentResult:
     @property
     def is_empty(self) -> bool:
         return not bool(self.mask.any())
+
+
+TRACK_SOURCES = ("start", "propagated", "requery")
+
+
+@dataclass
+class TrackedResult(SegmentResult):
+    """One frame's answer of a tracked instruction (``Tracker.update``).
+
+    A :class:`SegmentResult` (so every consumer of answers takes it as is) with the
+    tracking state of that frame. For a propagated frame ``selected`` / ``similarity`` /
+    ``iop`` are empty and ``num_proposals`` is 0; a re-queried frame carries the full
+    method's result.
+
+    Attributes:
+        track_id: the track's id.
+        frame_index: frames given to the track so far, this one included (the start
+            frame is 0).
+        stamp_ns: the frame's time stamp in integer nanoseconds.
+        source: ``start`` (the answer the track started from), ``propagated`` (the
+            previous mask carried to this frame) or ``requery`` (the full method ran on
+            this frame).
+        requery_reason: why the full method ran (``periodic``, ``low_confidence``,
+            ``lost``), else ``None``.
+        lost: the target is lost on this frame (see ``TrackerConfig``); ``mask`` is then
+            all False.
+        lost_reason: why the target is lost, else ``None``.
+        weak_frames: consecutive frames, this one included, without a confident mask.
+        expired: no confident update for the tracker's ``timeout_s``; the track has
+            ended and takes no more frames.
+        end_reason: why the track ended (with ``expired``), else ``None``.
+    """
+
+    track_id: str = ""
+    frame_index: int = 0
+    stamp_ns: int = 0
+    source: str = "propagated"
+    requery_reason: str | None = None
+    lost: bool = False
+    lost_reason: str | None = None
+    weak_frames: int = 0
+    expired: bool = False
+    end_reason: str | None = None

@@ -43,3 +43,16 @@ def scene_image() -> np.ndarray:
     cv2.rectangle(img, (60, 20), (100, 60), (30, 200, 40), -1)
     cv2.fillPoly(img, [np.array([[20, 90], [50, 65], [80, 90]], np.int32)], (30, 40, 220))
     return img
+
+
+@pytest.fixture(scope="module")
+def tracking_segmenter(tiny_config_factory, tmp_path_factory):
+    """The tiny llmseg profile with a tiny SAM at 256 px input (16x cheaper to encode than
+    its 1024), for the tracking tests."""
+    from llmseg_ros.pipeline import ReasonSegmenter
+    from llmseg_ros.tiny.sam import save_tiny_sam
+
+    sam = save_tiny_sam(tmp_path_factory.mktemp("sam256") / "sam_tiny_256.pth", image_size=256)
+    segmenter = ReasonSegmenter(tiny_config_factory("llmseg").replace(sam_checkpoint=str(sam)))
+    yield segmenter
+    segmenter.close()

@@ -119,6 +119,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("weights",),
     ("models",),
     ("methods",),
+    ("tracking",),
     ("pipeline", "conversations"),
     ("tiny", "data"),
     ("ros", "evaluation", "datagen"),

@@ -251,7 +251,9 @@ class SyntheticScene:
 # -- rendering --------------------------------------------------------------------------
 
 
-def _shape_polygon(shape: str, cx: float, cy: float, radius: float, angle: float) -> np.ndarray:
+def shape_polygon(shape: str, cx: float, cy: float, radius: float, angle: float) -> np.ndarray:
+    """(N, 2) int32 XY vertices of ``shape`` centred at (cx, cy) pixels, of size ``radius``
+    pixels, rotated by ``angle`` radians."""
     if shape == "circle":
         t = angle + np.linspace(0.0, 2 * math.pi, 24, endpoint=False)
         pts = np.stack([np.cos(t), np.sin(t)], axis=1) * radius
@@ -298,7 +300,9 @@ def polygon_mask(polygon: np.ndarray, height: int, width: int) -> np.ndarray:
     return canvas.astype(bool)
 
 
-def _background(rng: np.random.Generator, size: int, kind: str) -> np.ndarray:
+def background_image(rng: np.random.Generator, size: int, kind: str) -> np.ndarray:
+    """(size, size, 3) float64 background on the 0–255 scale: ``plain``, ``textured`` (stripes
+    and grain) or ``mixed`` (either, drawn from ``rng``)."""
     if kind == "mixed":
         kind = "plain" if rng.random() < 0.5 else "textured"
     base = rng.uniform(95, 185) + rng.uniform(-10, 10, size=3)
@@ -328,7 +332,7 @@ def _place_objects(rng: np.random.Generator, config: SyntheticConfig) -> list[Sc
             extent = radius * 1.35 + 3
             for _try in range(60):
                 cx, cy = rng.uniform(extent, size - extent, size=2)
-                polygon = _shape_polygon(shape, cx, cy, radius, rng.uniform(0, 2 * math.pi))
+                polygon = shape_polygon(shape, cx, cy, radius, rng.uniform(0, 2 * math.pi))
                 mask = polygon_mask(polygon, size, size)
                 if not (mask & occupied.astype(bool)).any():
                     break
@@ -344,7 +348,7 @@ def _place_objects(rng: np.random.Generator, config: SyntheticConfig) -> list[Sc
 
 
 def _render(rng: np.random.Generator, objects: list[SceneObject], config: SyntheticConfig) -> np.ndarray:
-    image = _background(rng, config.image_size, config.background)
+    image = background_image(rng, config.image_size, config.background)
     for obj in objects:
         image[obj.mask] = COLOURS[obj.colour]
     if config.noise_std > 0:

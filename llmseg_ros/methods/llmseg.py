@@ -1,7 +1,8 @@
 """LLM-Seg: SAM proposals + DINOv2 mask embeddings, picked by a ``<SEG>`` query.
 
-Per frame (instruction-independent, cached): SAM everything-mode proposals, DINOv2 mask
-embeddings (K, 256), and the VLM's key/value cache of the image prefix.
+Per frame (instruction-independent, cached): SAM everything-mode proposals (and SAM's image
+encoding they came from, kept under ``SAM_KEY`` for mask tracking), DINOv2 mask embeddings
+(K, 256), and the VLM's key/value cache of the image prefix.
 Per instruction: one teacher-forced VLM pass → ``<SEG>`` hidden state → text projection
 (h→h→256) → selector (fusion + IoU / IoP heads) → selection strategy → union mask.
 
@@ -31,7 +32,7 @@ import torch
 
 from llmseg_ros.config import SelectionConfig
 from llmseg_ros.methods.base import SegmentRequest
-from llmseg_ros.methods.common import load_state, query_seg_hidden, sync, trained_weights_and_vlm
+from llmseg_ros.methods.common import SAM_KEY, load_state, query_seg_hidden, sync, trained_weights_and_vlm
 from llmseg_ros.types import FrameFeatures, Proposals, SegmentResult
 
 if TYPE_CHECKING:
@@ -118,7 +119,7 @@ class LLMSegMethod:
     @torch.inference_mode()
     def prepare(self, image: np.ndarray) -> FrameFeatures:
         t0 = time.perf_counter()
-        proposals = self.proposal_generator.generate(image)
+        proposals, encoding = self.proposal_generator.generate_with_encoding(image)
         t1 = time.perf_counter()
         features = self.mask_embedder.backbone_features(image)
         feature_map = self.mask_embedder.project(features)
@@ -130,6 +131,7 @@ class LLMSegMethod:
             proposals=proposals,
             mask_embeddings=embeddings,
             timings={"proposals": t1 - t0, "mask_embeddings": t2 - t1},
+            cache={} if encoding is None else {SAM_KEY: encoding},
         )
 
     def pooled_masks(self, proposals: Proposals) -> np.ndarray:

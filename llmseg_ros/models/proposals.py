@@ -70,6 +70,7 @@ from llmseg_ros.models.amg.decoding import PointDecoder
 from llmseg_ros.models.amg.exact_decoder import ExactDecoder
 from llmseg_ros.models.amg.factored_decoder import FactoredDecoder
 from llmseg_ros.models.amg.postprocess import PostProcessor, area_order
+from llmseg_ros.models.sam_prompting import SamImageEncoding
 from llmseg_ros.types import Proposals
 
 _ENCODER_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -329,15 +330,25 @@ class ProposalGenerator:
 
     # -- public API -------------------------------------------------------------------
     def generate(self, image: np.ndarray) -> Proposals:
-        """Mask proposals for one RGB frame.
+        """Mask proposals for one RGB frame (see :meth:`generate_with_encoding`)."""
+        return self.generate_with_encoding(image)[0]
+
+    def generate_with_encoding(self, image: np.ndarray) -> tuple[Proposals, SamImageEncoding | None]:
+        """Mask proposals for one RGB frame, and SAM's image encoding they were decoded from.
+
+        The encoding (of the frame downscaled to ``max_long_side``; ``original_size`` is
+        the frame's) prompts SAM again on the same frame at no encoder cost (mask
+        tracking). The reference implementation keeps no encoding (``None``).
 
         Args:
             image: (H, W, 3) uint8 RGB.
         Returns:
-            Proposals with masks (K, H, W) bool at the input resolution, largest area
-            first (area measured at SAM's resolution, ties in NMS order), K <=
-            ``max_proposals``; boxes XYXY (inclusive) of the returned masks; point
-            coordinates in input pixels. ``Proposals.empty(H, W)`` when nothing passes.
+            (proposals, encoding): proposals with masks (K, H, W) bool at the input
+            resolution, largest area first (area measured at SAM's resolution, ties in
+            NMS order), K <= ``max_proposals``; boxes XYXY (inclusive) of the returned
+            masks; point coordinates in input pixels; ``Proposals.empty(H, W)`` when
+            nothing passes. The encoding's embedding is (1, C, h, w) float32 on SAM's
+            device.
         Raises:
             TypeError, ValueError: ``image`` is not an (H, W, 3) uint8 array.
         """
@@ -345,14 +356,16 @@ class ProposalGenerator:
         start = time.perf_counter()
         small = downscale_long_side(image, self.config.max_long_side, self.downscale_rounding)
         timings = {"resize": time.perf_counter() - start}
+        encoding: SamImageEncoding | None = None
         if self._reference is not None:
             selected = self._generate_reference(small)
         else:
-            selected = self._generate_fast(small, timings)
+            selected, embedding, input_size = self._generate_fast(small, timings)
+            encoding = SamImageEncoding(embedding, input_size, (int(image.shape[0]), int(image.shape[1])))
         proposals = self._finish(selected, image.shape[:2], small.shape[:2])
         timings["total"] = time.perf_counter() - start
         self.last_timings = timings
-        return proposals
+        return proposals, encoding
 
     # -- shared end ---------------------------------------------------------------------
     def _finish(
@@ -413,7 +426,7 @@ class ProposalGenerator:
     @torch.inference_mode()
     def _generate_fast(
         self, small: np.ndarray, timings: dict[str, float]
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    ) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray], torch.Tensor, tuple[int, int]]:
         cfg = self.config
         t0 = time.perf_counter()
         features, input_size = self._encode(small)
@@ -455,4 +468,4 @@ class ProposalGenerator:
         if self._decoder.check_seconds:
             timings["decoder_check"] = self._decoder.check_seconds
         timings["postprocess"] = post_time + time.perf_counter() - t_c
-        return selected
+        return selected, features, input_size

@@ -48,30 +48,33 @@ def encode_image(sam: Sam, image: np.ndarray) -> SamImageEncoding:
     return SamImageEncoding(embedding, input_size, (int(image.shape[0]), int(image.shape[1])))
 
 
-def decode_masks(
+def decode_low_res(
     sam: Sam,
     encoding: SamImageEncoding,
     *,
     boxes: np.ndarray | None = None,
     points: np.ndarray | None = None,
     point_labels: np.ndarray | None = None,
+    mask_input: torch.Tensor | None = None,
     extra_sparse: torch.Tensor | None = None,
     multimask_output: bool = False,
     mask_decoder: torch.nn.Module | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """SAM's prompt encoder + mask decoder on a cached encoding, masks at the frame's size.
+    """SAM's prompt encoder + mask decoder on a cached encoding, masks at low resolution.
 
     Args:
         boxes: (N, 4) XYXY pixels of the original frame: one prediction per box.
         points: (N, P, 2) XY pixels of the original frame with ``point_labels`` (N, P)
             (1 = foreground, 0 = background): one prediction per row.
+        mask_input: (N, 1, 4h, 4w) low-resolution mask logits (a previous prediction of
+            this function, 256 x 256 for a 1024 input) used as SAM's dense prompt.
         extra_sparse: (N, T, C) embeddings appended to the sparse prompt tokens (LISA's
             ``<SEG>`` embedding); with no boxes / points it alone prompts the decoder.
         multimask_output: SAM's three-mask output instead of the single mask.
         mask_decoder: a decoder to use instead of ``sam.mask_decoder`` (LISA's trained one).
     Returns:
-        logits (N, M, H, W) float at the original resolution (M = 1 or 3) and the IoU
-        predictions (N, M).
+        low-resolution logits (N, M, 4h, 4w) in the padded input square (M = 1 or 3) and
+        the IoU predictions (N, M).
     """
     transform = ResizeLongestSide(sam.image_encoder.img_size)
     device = encoding.embedding.device
@@ -91,7 +94,9 @@ def decode_masks(
             transform.apply_coords(pts, encoding.original_size), dtype=torch.float, device=device
         )
         point_t = (coords, torch.as_tensor(np.asarray(point_labels), device=device, dtype=torch.int))
-    sparse, dense = sam.prompt_encoder(points=point_t, boxes=box_t, masks=None)
+    if mask_input is not None:
+        mask_input = mask_input.to(device, torch.float)
+    sparse, dense = sam.prompt_encoder(points=point_t, boxes=box_t, masks=mask_input)
     if extra_sparse is not None:
         extra = extra_sparse.to(sparse.dtype)
         if sparse.shape[0] == 1 and extra.shape[0] > 1:
@@ -99,12 +104,44 @@ def decode_masks(
             dense = dense.expand(extra.shape[0], -1, -1, -1)
         sparse = torch.cat([sparse, extra], dim=1)
     decoder = sam.mask_decoder if mask_decoder is None else mask_decoder
+    low_res: torch.Tensor
+    iou: torch.Tensor
     low_res, iou = decoder(
         image_embeddings=encoding.embedding,
         image_pe=sam.prompt_encoder.get_dense_pe(),
         sparse_prompt_embeddings=sparse,
         dense_prompt_embeddings=dense,
         multimask_output=multimask_output,
+    )
+    return low_res, iou
+
+
+def decode_masks(
+    sam: Sam,
+    encoding: SamImageEncoding,
+    *,
+    boxes: np.ndarray | None = None,
+    points: np.ndarray | None = None,
+    point_labels: np.ndarray | None = None,
+    extra_sparse: torch.Tensor | None = None,
+    multimask_output: bool = False,
+    mask_decoder: torch.nn.Module | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`decode_low_res` with the masks upsampled to the frame's size.
+
+    Returns:
+        logits (N, M, H, W) float at the original resolution (M = 1 or 3) and the IoU
+        predictions (N, M).
+    """
+    low_res, iou = decode_low_res(
+        sam,
+        encoding,
+        boxes=boxes,
+        points=points,
+        point_labels=point_labels,
+        extra_sparse=extra_sparse,
+        multimask_output=multimask_output,
+        mask_decoder=mask_decoder,
     )
     logits = sam.postprocess_masks(low_res, encoding.input_size, encoding.original_size)
     return logits, iou
