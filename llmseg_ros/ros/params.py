@@ -134,7 +134,7 @@ DESCRIPTIONS: dict[str, str] = {
     "publish_overlay": "publish the bgr8 overlay topic after each answer",
     "qos.image.reliability": "image subscription reliability: best_effort (matches any publisher) or reliable",
     "qos.depth.reliability": "depth subscription reliability: best_effort (matches any publisher) or reliable",
-    "qos.camera_info.reliability": "camera_info subscription reliability: best_effort or reliable",
+    "qos.camera_info.reliability": "camera_info subscription reliability: best_effort (matches any publisher) or reliable",
     "qos.image.history_depth": "image subscription history depth (keep last N)",
     "qos.depth.history_depth": "depth subscription history depth (keep last N)",
     "qos.camera_info.history_depth": "camera_info subscription history depth (keep last N)",

@@ -139,7 +139,10 @@ def shell(env: dict[str, str], command: str, timeout: float = 60.0) -> subproces
 
 def lifecycle_state(env: dict[str, str], node: str, timeout: float = 10.0) -> str:
     """``ros2 lifecycle get <node>``: the state label (``active``, ``configuring``, ...)."""
-    result = ros2(env, "lifecycle", "get", node, "--no-daemon", "--spin-time", "1", timeout=timeout)
+    try:
+        result = ros2(env, "lifecycle", "get", node, "--no-daemon", "--spin-time", "1", timeout=timeout)
+    except AssertionError:
+        return f"<no answer within {timeout:g} s>"
     return result.stdout.strip().split(" ")[0] if result.returncode == 0 else f"<{result.stdout.strip()}>"
 
 

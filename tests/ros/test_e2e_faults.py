@@ -21,7 +21,6 @@ from harness import (
     lifecycle_state,
     ros2,
     stamps,
-    wait_for_state,
 )
 
 pytestmark = E2E
@@ -32,8 +31,7 @@ REQUEST_TIMEOUT_S = 8.0
 LOAD_DELAY_S = 12.0
 
 
-@pytest.fixture(scope="module")
-def node(start_process):
+def start_faulty_node(start_process):
     return start_process(
         "faulty_node",
         [
@@ -57,6 +55,31 @@ def node(start_process):
     )
 
 
+@pytest.fixture(scope="module")
+def running(start_process):
+    """The fault-injection node of this module (``running[0]``), restarted if a test ended it."""
+    return [start_faulty_node(start_process)]
+
+
+@pytest.fixture
+def node(running, start_process, ros_env):
+    """The running fault-injection node, brought to ``active`` whatever an earlier test left."""
+    if running[0].proc.poll() is not None:
+        running[0] = start_faulty_node(start_process)
+    proc = running[0]
+    proc.wait_for_output(r"created; waiting for the lifecycle 'configure' transition", timeout=120)
+    deadline = time.monotonic() + 240.0
+    while (state := lifecycle_state(ros_env, NODE)) != "active" and time.monotonic() < deadline:
+        if state == "unconfigured":
+            lifecycle_set(ros_env, NODE, "configure", timeout=240)
+        elif state == "inactive":
+            lifecycle_set(ros_env, NODE, "activate")
+        else:
+            time.sleep(0.5)
+    assert state == "active", proc.output()[-4000:]
+    return proc
+
+
 def ready_frame(peer, first_s: float) -> None:
     """Publish a frame and wait until a request on it is served (its proposals are computed)."""
     peer.publish(COLOUR, stamps(first_s, 1))
@@ -68,7 +91,8 @@ def ready_frame(peer, first_s: float) -> None:
     assert response["success"], response["message"]
 
 
-def test_lifecycle_and_parameter_services_answer_while_the_models_load(node, ros_env) -> None:
+def test_lifecycle_and_parameter_services_answer_while_the_models_load(running, ros_env) -> None:
+    node = running[0]
     node.wait_for_output(r"created; waiting for the lifecycle 'configure' transition", timeout=120)
     configure = subprocess.Popen(
         ["ros2", "lifecycle", "set", NODE, "configure", "--no-daemon"],
@@ -92,11 +116,15 @@ def test_lifecycle_and_parameter_services_answer_while_the_models_load(node, ros
 
 
 def test_poisoned_frame_is_logged_and_the_node_keeps_serving(node, peer) -> None:
+    mark = len(node.output())
     peer.publish(COLOUR, stamps(1_700_000_000.0, 1), frame_id="poison")
     node.wait_for_output(
-        r"dropped a frame after an unexpected RuntimeError: injected fault in the frame conversion", 30
+        r"dropped a frame after an unexpected RuntimeError: injected fault in the frame conversion",
+        30,
+        start=mark,
     )
-    assert node.proc.poll() is None, node.output()[-4000:]
+    time.sleep(1.0)
+    assert node.proc.poll() is None, node.output()[mark:]
     ready_frame(peer, 1_700_000_001.0)
 
 
@@ -149,14 +177,12 @@ def test_failing_transition_is_logged(node, peer, ros_env) -> None:
     )
     assert node.proc.poll() is None
     assert lifecycle_state(ros_env, NODE) == "unconfigured"  # error processing cleaned up
-    assert "Transitioning successful" in lifecycle_set(ros_env, NODE, "configure")
-    assert "Transitioning successful" in lifecycle_set(ros_env, NODE, "activate")
-    wait_for_state(ros_env, NODE, "active", 30, node)
 
 
 def test_ctrl_c_during_a_request_exits_0_after_the_model_call(node, peer) -> None:
     ready_frame(peer, 1_700_000_020.0)
     mark = len(node.output())
+    assert FREED_MARKER not in node.output()
     peer.call_async(SERVICE, instruction="slow 3 the red part", selection_strategy="top1_iou")
     node.wait_for_output(SLOW_MARKER, timeout=30, start=mark)
     node.interrupt()
