@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from harness import REPO, Peer, RosProcess
+from harness import Peer, RosProcess, colcon
 
 # A launch_testing file: `colcon test` (and test_e2e_startup.py's colcon test run) executes it.
 collect_ignore = ["test_perception_launch.py"]
@@ -45,30 +45,21 @@ def ros_workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
         pytest.fail(
             f"ROS 2 is sourced but rclpy does not import in {sys.executable}:\n{probe.stderr[-2000:]}"
         )
-    colcon = shutil.which("colcon", path=_python_path())
-    if colcon is None:
+    if shutil.which("colcon", path=_python_path()) is None:
         pytest.fail("ROS 2 is sourced but colcon is missing: pip install colcon-common-extensions")
     given = os.environ.get("LLMSEG_ROS_TEST_WORKSPACE")
     ws = Path(given) if given else tmp_path_factory.mktemp("colcon_ws")
     ws.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PATH": _python_path()}
-    cmd = [
-        colcon,
-        "--log-base",
-        str(ws / "log"),
+    cmd = colcon(
+        ws,
         "build",
-        "--paths",
-        str(REPO),
-        "--build-base",
-        str(ws / "build"),
-        "--install-base",
-        str(ws / "install"),
         "--symlink-install",
         "--cmake-args",
         f"-DPython3_EXECUTABLE={sys.executable}",
         f"-DPYTHON_EXECUTABLE={sys.executable}",
         "-DBUILD_TESTING=ON",
-    ]
+    )
     result = subprocess.run(cmd, env=env, cwd=ws, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if result.returncode != 0:
         pytest.fail(f"colcon build failed ({result.returncode}):\n{result.stdout[-8000:]}")

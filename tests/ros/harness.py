@@ -107,6 +107,23 @@ def _group_alive(pgid: int) -> bool:
     return any(state and not state.startswith("Z") for state in result.stdout.split())
 
 
+def colcon(ws: Path, verb: str, *args: str) -> list[str]:
+    """``colcon <verb>`` on this checkout with workspace ``ws`` (build/, install/, log/ inside)."""
+    return [
+        "colcon",
+        "--log-base",
+        str(ws / "log"),
+        verb,
+        "--paths",
+        str(REPO),
+        "--build-base",
+        str(ws / "build"),
+        "--install-base",
+        str(ws / "install"),
+        *args,
+    ]
+
+
 def ros2(env: dict[str, str], *args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
     """Run ``ros2 <args>``; the result carries stdout + stderr in ``stdout``."""
     try:

@@ -8,7 +8,7 @@ import subprocess
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from harness import E2E, REPO, lifecycle_state, ros2, wait_for_state
+from harness import E2E, colcon, lifecycle_state, ros2, wait_for_state
 
 pytestmark = E2E
 
@@ -125,23 +125,15 @@ def test_colcon_test_runs_pytest_on_the_installed_package_and_the_launch_test(ro
     ws = ros_workspace
     env = {**ros_env, "PYTEST_ADDOPTS": "-k test_generated_python_interfaces_match_the_definitions"}
     result = subprocess.run(
-        [
-            "colcon",
-            "--log-base",
-            str(ws / "log"),
+        colcon(
+            ws,
             "test",
-            "--paths",
-            str(REPO),
-            "--build-base",
-            str(ws / "build"),
-            "--install-base",
-            str(ws / "install"),
             "--event-handlers",
             "console_direct+",
             "--ctest-args",
             "-R",
             r"^(pytest|tests_ros_test_perception_launch\.py)$",
-        ],
+        ),
         env=env,
         cwd=ws,
         stdout=subprocess.PIPE,
