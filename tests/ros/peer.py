@@ -91,7 +91,7 @@ class Peer(Node):
         super().__init__("llmseg_test_peer")
         self._lock = threading.Lock()
         self._publishers_: dict[tuple[str, str, str], Any] = {}
-        self._clients_: dict[str, Any] = {}
+        self._clients_: dict[int, Any] = {}
         self._received: dict[str, list[dict[str, Any]]] = {}
         self._subs: dict[str, Any] = {}
         self._published_depth: dict[int, np.ndarray] = {}
@@ -270,25 +270,28 @@ class Peer(Node):
         return request
 
     def op_call(self, args: dict[str, Any]) -> dict[str, Any]:
+        # A client per call: a client that outlived a restarted server may never hear its answer.
         service = args["service"]
-        if service not in self._clients_:
-            self._clients_[service] = self.create_client(ReasonSegment, service)
-        client = self._clients_[service]
+        client = self.create_client(ReasonSegment, service)
         if not client.wait_for_service(timeout_sec=float(args.get("wait_service_s", 30.0))):
+            self.destroy_client(client)
             raise RuntimeError(f"service {service} is not available")
         done = threading.Event()
         future = client.call_async(self._request(args.get("request", {})))
         future.add_done_callback(lambda _: done.set())
         call_id = len(self._calls) + 1
         self._calls[call_id] = (done, future)
+        self._clients_[call_id] = client
         if not args.get("wait", True):
             return {"id": call_id}
         return self.op_result({"id": call_id, "timeout_s": args.get("timeout_s", 60.0)})
 
     def op_result(self, args: dict[str, Any]) -> dict[str, Any]:
-        done, future = self._calls[int(args["id"])]
+        call_id = int(args["id"])
+        done, future = self._calls[call_id]
         if not done.wait(float(args.get("timeout_s", 60.0))):
             return {"answered": False}
+        self.destroy_client(self._clients_.pop(call_id))
         return {"answered": True, **self.response_summary(future.result())}
 
 

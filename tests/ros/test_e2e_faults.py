@@ -8,6 +8,7 @@ driven through ``ros2 lifecycle``. Its first model load takes ``LOAD_DELAY_S`` l
 
 from __future__ import annotations
 
+import itertools
 import subprocess
 import sys
 import time
@@ -31,9 +32,9 @@ REQUEST_TIMEOUT_S = 8.0
 LOAD_DELAY_S = 12.0
 
 
-def start_faulty_node(start_process):
+def start_faulty_node(start_process, number: int = 1):
     return start_process(
-        "faulty_node",
+        f"faulty_node_{number}",
         [
             sys.executable,
             str(FAULTY_NODE),
@@ -55,6 +56,20 @@ def start_faulty_node(start_process):
     )
 
 
+FRAME_SECONDS = itertools.count(1_700_000_000)  # header stamps of the published frames, increasing
+
+
+def ready_frame(peer) -> None:
+    """Publish a new frame and wait until a request on it is served (its proposals are computed)."""
+    peer.publish(COLOUR, stamps(next(FRAME_SECONDS), 1))
+    deadline = time.monotonic() + 120.0
+    while True:
+        response = peer.call(SERVICE, instruction="the red part", selection_strategy="top1_iou")
+        if response["success"] or time.monotonic() > deadline:
+            break
+    assert response["success"], response["message"]
+
+
 @pytest.fixture(scope="module")
 def running(start_process):
     """The fault-injection node of this module (``running[0]``), restarted if a test ended it."""
@@ -62,14 +77,18 @@ def running(start_process):
 
 
 @pytest.fixture
-def node(running, start_process, ros_env):
-    """The running fault-injection node, brought to ``active`` whatever an earlier test left."""
+def node(running, start_process, ros_env, peer):
+    """The fault-injection node, ``active`` with a served frame, whatever an earlier test left."""
+    changed = False
     if running[0].proc.poll() is not None:
-        running[0] = start_faulty_node(start_process)
+        running[0] = start_faulty_node(start_process, len(running) + 1)
+        running.append(running[0])
+        changed = True
     proc = running[0]
     proc.wait_for_output(r"created; waiting for the lifecycle 'configure' transition", timeout=120)
     deadline = time.monotonic() + 240.0
     while (state := lifecycle_state(ros_env, NODE)) != "active" and time.monotonic() < deadline:
+        changed = True
         if state == "unconfigured":
             lifecycle_set(ros_env, NODE, "configure", timeout=240)
         elif state == "inactive":
@@ -77,18 +96,9 @@ def node(running, start_process, ros_env):
         else:
             time.sleep(0.5)
     assert state == "active", proc.output()[-4000:]
+    if changed:
+        ready_frame(peer)
     return proc
-
-
-def ready_frame(peer, first_s: float) -> None:
-    """Publish a frame and wait until a request on it is served (its proposals are computed)."""
-    peer.publish(COLOUR, stamps(first_s, 1))
-    deadline = time.monotonic() + 120.0
-    while True:
-        response = peer.call(SERVICE, instruction="the red part", selection_strategy="top1_iou")
-        if response["success"] or time.monotonic() > deadline:
-            break
-    assert response["success"], response["message"]
 
 
 def test_lifecycle_and_parameter_services_answer_while_the_models_load(running, ros_env) -> None:
@@ -117,7 +127,7 @@ def test_lifecycle_and_parameter_services_answer_while_the_models_load(running, 
 
 def test_poisoned_frame_is_logged_and_the_node_keeps_serving(node, peer) -> None:
     mark = len(node.output())
-    peer.publish(COLOUR, stamps(1_700_000_000.0, 1), frame_id="poison")
+    peer.publish(COLOUR, stamps(next(FRAME_SECONDS), 1), frame_id="poison")
     node.wait_for_output(
         r"dropped a frame after an unexpected RuntimeError: injected fault in the frame conversion",
         30,
@@ -125,7 +135,7 @@ def test_poisoned_frame_is_logged_and_the_node_keeps_serving(node, peer) -> None
     )
     time.sleep(1.0)
     assert node.proc.poll() is None, node.output()[mark:]
-    ready_frame(peer, 1_700_000_001.0)
+    ready_frame(peer)
 
 
 def test_slow_model_times_out_and_the_next_request_is_served(node, peer) -> None:
@@ -165,7 +175,7 @@ def test_deactivate_waits_for_the_request_in_the_model(node, peer, ros_env) -> N
     refused = peer.call(SERVICE, instruction="the cup")
     assert not refused["success"] and "node is not active" in refused["message"]
     assert "Transitioning successful" in lifecycle_set(ros_env, NODE, "activate")
-    ready_frame(peer, 1_700_000_010.0)
+    ready_frame(peer)
 
 
 def test_failing_transition_is_logged(node, peer, ros_env) -> None:
@@ -180,7 +190,7 @@ def test_failing_transition_is_logged(node, peer, ros_env) -> None:
 
 
 def test_ctrl_c_during_a_request_exits_0_after_the_model_call(node, peer) -> None:
-    ready_frame(peer, 1_700_000_020.0)
+    ready_frame(peer)
     mark = len(node.output())
     assert FREED_MARKER not in node.output()
     peer.call_async(SERVICE, instruction="slow 3 the red part", selection_strategy="top1_iou")
