@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from harness import Peer, RosProcess, colcon
 
-# A launch_testing file: `colcon test` (and test_e2e_startup.py's colcon test run) executes it.
+# A launch_testing file, run by `colcon test` (CI runs it), not by pytest.
 collect_ignore = ["test_perception_launch.py"]
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -119,21 +118,16 @@ def _xunit_counts(path: Path) -> dict[str, int]:
     }
 
 
-def test_colcon_test_runs_pytest_on_the_installed_package_and_the_launch_test(ros_workspace, ros_env) -> None:
-    """``colcon test``: the pytest suite imports the installed package (with its generated
-    interfaces), and the launch_testing test of the launched node runs."""
+def test_colcon_test_runs_pytest_on_the_installed_package(ros_workspace, ros_env) -> None:
+    """``colcon test``'s pytest imports the installed package, generated interfaces included.
+
+    (The launch test, the other ``colcon test`` test, repeats what test_e2e_node.py checks;
+    CI runs it in its own ``colcon test``.)
+    """
     ws = ros_workspace
     env = {**ros_env, "PYTEST_ADDOPTS": "-k test_generated_python_interfaces_match_the_definitions"}
     result = subprocess.run(
-        colcon(
-            ws,
-            "test",
-            "--event-handlers",
-            "console_direct+",
-            "--ctest-args",
-            "-R",
-            r"^(pytest|tests_ros_test_perception_launch\.py)$",
-        ),
+        colcon(ws, "test", "--event-handlers", "console_direct+", "--ctest-args", "-R", "^pytest$"),
         env=env,
         cwd=ws,
         stdout=subprocess.PIPE,
@@ -142,12 +136,5 @@ def test_colcon_test_runs_pytest_on_the_installed_package_and_the_launch_test(ro
         timeout=900,
     )
     assert result.returncode == 0, result.stdout[-6000:]
-    results = ws / "build" / "llmseg_ros" / "test_results" / "llmseg_ros"
-    pytest_counts = _xunit_counts(results / "pytest.xunit.xml")
-    assert pytest_counts == {"tests": 1, "failures": 0, "errors": 0, "skipped": 0}, (
-        pytest_counts,
-        result.stdout[-4000:],
-    )
-    launch = _xunit_counts(results / "tests_ros_test_perception_launch.py.xunit.xml")
-    assert launch["tests"] >= 2 and launch["failures"] == launch["errors"] == launch["skipped"] == 0, launch
-    assert re.search(r"100% tests passed, 0 tests failed out of 2", result.stdout), result.stdout[-4000:]
+    counts = _xunit_counts(ws / "build" / "llmseg_ros" / "test_results" / "llmseg_ros" / "pytest.xunit.xml")
+    assert counts == {"tests": 1, "failures": 0, "errors": 0, "skipped": 0}, (counts, result.stdout[-4000:])
