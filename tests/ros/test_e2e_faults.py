@@ -78,27 +78,36 @@ def running(start_process):
 
 @pytest.fixture
 def node(running, start_process, ros_env, peer):
-    """The fault-injection node, ``active`` with a served frame, whatever an earlier test left."""
-    changed = False
-    if running[0].proc.poll() is not None:
-        running[0] = start_faulty_node(start_process, len(running) + 1)
-        running.append(running[0])
+    """The fault-injection node, ``active`` with a served frame, whatever an earlier test left
+    (a node that exited or stopped answering is replaced by a new one)."""
+    changed, silent, state = False, 0, ""
+    deadline = time.monotonic() + 300.0
+    while time.monotonic() < deadline:
+        proc = running[0]
+        if proc.proc.poll() is not None or silent >= 3:
+            proc.stop()
+            running[0] = start_faulty_node(start_process, len(running) + 1)
+            running.append(running[0])
+            running[0].wait_for_output(
+                r"created; waiting for the lifecycle 'configure' transition", timeout=120
+            )
+            changed, silent = True, 0
+            continue
+        state = lifecycle_state(ros_env, NODE)
+        if state == "active":
+            break
         changed = True
-    proc = running[0]
-    proc.wait_for_output(r"created; waiting for the lifecycle 'configure' transition", timeout=120)
-    deadline = time.monotonic() + 240.0
-    while (state := lifecycle_state(ros_env, NODE)) != "active" and time.monotonic() < deadline:
-        changed = True
+        silent = silent + 1 if state.startswith("<") else 0
         if state == "unconfigured":
             lifecycle_set(ros_env, NODE, "configure", timeout=240)
         elif state == "inactive":
             lifecycle_set(ros_env, NODE, "activate")
         else:
             time.sleep(0.5)
-    assert state == "active", proc.output()[-4000:]
+    assert state == "active", running[0].output()[-4000:]
     if changed:
         ready_frame(peer)
-    return proc
+    return running[0]
 
 
 def test_lifecycle_and_parameter_services_answer_while_the_models_load(running, ros_env) -> None:
