@@ -94,7 +94,9 @@ def node(running, start_process, ros_env, peer):
             changed, silent = True, 0
             continue
         state = lifecycle_state(ros_env, NODE)
-        if state == "active":
+        # Asked twice: an rclpy executor re-raises a callback's exception only when the next
+        # callback wakes it, so a node that is about to die still answers once.
+        if state == "active" and lifecycle_state(ros_env, NODE) == "active" and proc.proc.poll() is None:
             break
         changed = True
         silent = silent + 1 if state.startswith("<") else 0
