@@ -1,7 +1,10 @@
 """Fixtures of the end-to-end tier (tests/ros/test_e2e_*.py).
 
 The session builds the package once with colcon (``--symlink-install``, tests enabled)
-into a temporary workspace, with the Python that runs pytest, and runs every ROS process
+in a temporary workspace, from a copy of this checkout's package files in its ``src/``
+(CMake refuses a build whose include directories lie inside the source tree, which they
+do when the Python running the tests lives in a virtual environment inside the checkout),
+with the Python that runs pytest, and runs every ROS process
 with that workspace sourced, on a ROS domain of its own (derived from the pid, so
 parallel sessions do not hear each other).
 
@@ -22,7 +25,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from harness import Peer, RosProcess, colcon
+from harness import PACKAGE_FILES, REPO, Peer, RosProcess, colcon
 
 # A launch_testing file, run by `colcon test` (CI runs it), not by pytest.
 collect_ignore = ["test_perception_launch.py"]
@@ -49,7 +52,14 @@ def ros_workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
         pytest.fail("ROS 2 is sourced but colcon is missing: pip install colcon-common-extensions")
     given = os.environ.get("LLMSEG_ROS_TEST_WORKSPACE")
     ws = Path(given) if given else tmp_path_factory.mktemp("colcon_ws")
-    ws.mkdir(parents=True, exist_ok=True)
+    src = ws / "src" / "llmseg_ros"
+    shutil.rmtree(src, ignore_errors=True)
+    src.mkdir(parents=True)
+    for name in PACKAGE_FILES:
+        if (REPO / name).is_dir():
+            shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        else:
+            shutil.copy2(REPO / name, src / name)
     env = {**os.environ, "PATH": _python_path()}
     cmd = colcon(
         ws,

@@ -107,15 +107,29 @@ def _group_alive(pgid: int) -> bool:
     return any(state and not state.startswith("Z") for state in result.stdout.split())
 
 
+# What the colcon package is made of (CMakeLists.txt installs these; colcon test runs tests/).
+PACKAGE_FILES = (
+    "CMakeLists.txt",
+    "package.xml",
+    "pyproject.toml",
+    "msg",
+    "srv",
+    "llmseg_ros",
+    "launch",
+    "config",
+    "tests",
+)
+
+
 def colcon(ws: Path, verb: str, *args: str) -> list[str]:
-    """``colcon <verb>`` on this checkout with workspace ``ws`` (build/, install/, log/ inside)."""
+    """``colcon <verb>`` on the package in ``ws/src/llmseg_ros`` (build/, install/, log/ in ``ws``)."""
     return [
         "colcon",
         "--log-base",
         str(ws / "log"),
         verb,
         "--paths",
-        str(REPO),
+        str(ws / "src" / "llmseg_ros"),
         "--build-base",
         str(ws / "build"),
         "--install-base",
