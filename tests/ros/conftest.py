@@ -1,7 +1,7 @@
 """Fixtures of the end-to-end tier (tests/ros/test_e2e_*.py).
 
 The session builds the package once with colcon (``--symlink-install``, tests enabled)
-in a temporary workspace, from a copy of this checkout's package files in its ``src/``
+in a temporary workspace, from a copy of this checkout in its ``src/``
 (CMake refuses a build whose include directories lie inside the source tree, which they
 do when the Python running the tests lives in a virtual environment inside the checkout),
 with the Python that runs pytest, and runs every ROS process
@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from harness import PACKAGE_FILES, REPO, Peer, RosProcess, colcon
+from harness import Peer, RosProcess, colcon, copy_checkout
 
 # A launch_testing file, run by `colcon test` (CI runs it), not by pytest.
 collect_ignore = ["test_perception_launch.py"]
@@ -54,12 +54,7 @@ def ros_workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ws = Path(given) if given else tmp_path_factory.mktemp("colcon_ws")
     src = ws / "src" / "llmseg_ros"
     shutil.rmtree(src, ignore_errors=True)
-    src.mkdir(parents=True)
-    for name in PACKAGE_FILES:
-        if (REPO / name).is_dir():
-            shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-        else:
-            shutil.copy2(REPO / name, src / name)
+    copy_checkout(src)
     env = {**os.environ, "PATH": _python_path()}
     cmd = colcon(
         ws,

@@ -107,18 +107,33 @@ def _group_alive(pgid: int) -> bool:
     return any(state and not state.startswith("Z") for state in result.stdout.split())
 
 
-# What the colcon package is made of (CMakeLists.txt installs these; colcon test runs tests/).
-PACKAGE_FILES = (
-    "CMakeLists.txt",
-    "package.xml",
-    "pyproject.toml",
-    "msg",
-    "srv",
-    "llmseg_ros",
-    "launch",
-    "config",
-    "tests",
-)
+SKIPPED_NAMES = {
+    ".git",
+    "build",
+    "install",
+    "log",
+    "runs",
+    "__pycache__",
+    ".mypy_cache",
+    ".ruff_cache",
+    ".pytest_cache",
+}
+
+
+def copy_checkout(destination: Path) -> None:
+    """Copy this checkout to ``destination`` without build outputs, caches and virtual environments."""
+
+    def ignored(directory: str, names: list[str]) -> set[str]:
+        return {
+            name
+            for name in names
+            if name in SKIPPED_NAMES
+            or name.endswith(".egg-info")
+            or (Path(directory, name) / "pyvenv.cfg").exists()
+            or (Path(directory, name) / "COLCON_IGNORE").exists()
+        }
+
+    shutil.copytree(REPO, destination, ignore=ignored, symlinks=True)
 
 
 def colcon(ws: Path, verb: str, *args: str) -> list[str]:
