@@ -52,3 +52,12 @@ def test_qos_paragraph_matches_the_node_defaults() -> None:
     assert re.search(r"sensor-data profile: best effort, volatile,\s+keep last 5", qos)
     assert re.search(r"outputs are published\s+reliable, volatile, keep last 1", qos)
     assert re.search(r"transient-local\s+\(\"latched\"\) subscriber does not", qos)
+
+
+def test_parameter_table_is_the_generated_one() -> None:
+    from llmseg_ros.ros.params import parameter_table_markdown
+
+    assert parameter_table_markdown() in (REPO / "README.md").read_text(), (
+        "README's parameter table is out of date; regenerate it with "
+        "llmseg_ros.ros.params.parameter_table_markdown()"
+    )
