@@ -7,37 +7,53 @@ declares the parameters, converts messages with the ROS-free functions of
 Lifecycle: ``configure`` reads the parameters, loads every model and creates the
 subscriptions, publishers and the ``reason_segment`` service; ``activate`` starts serving
 (reloading the models if a ``deactivate`` freed them); ``deactivate`` stops serving and
-frees the models (GPU memory); ``cleanup`` / ``shutdown`` destroy everything.
+frees the models (GPU memory) once the model call in progress, if any, has finished;
+``cleanup`` / ``shutdown`` destroy everything. ``ros2 lifecycle get`` and the parameter
+services keep answering while a transition (e.g. the model load) runs.
 
 Topics (relative names; remap or namespace them): subscribes ``image`` and, with
 ``use_depth``, ``depth`` + ``camera_info``; publishes ``mask``, ``segmentation``,
 ``masked_depth``, ``masked_depth/camera_info``, ``points`` and ``overlay``.
+
+Nothing a request or a message carries stops the node: the service and subscription
+callbacks turn any unexpected exception into a logged error (and a ``success: false``
+answer), transitions log why they failed, and the executor keeps spinning.
 """
 
 from __future__ import annotations
 
+import functools
+import gc
+import signal
 import threading
+import traceback
+from collections.abc import Callable
 from typing import Any
 
 import message_filters
 import rclpy
 from builtin_interfaces.msg import Time
+from lifecycle_msgs.srv import ChangeState
 from rcl_interfaces.msg import ParameterDescriptor
-from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
+from rclpy.callback_groups import CallbackGroup, MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
-from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
+from rclpy.lifecycle import LifecycleNodeMixin, LifecycleState, TransitionCallbackReturn
+from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CameraInfo, Image, PointCloud2, PointField
 from std_msgs.msg import Header
 
 from llmseg_ros.msg import Segmentation
 from llmseg_ros.ros.frames import FrameBuffer, frame_from_messages
+from llmseg_ros.ros.gate import GatedSegmenter, ModelGate
 from llmseg_ros.ros.handler import RequestHandler, SegmentationOutcome
 from llmseg_ros.ros.messages import MessageBuilder, MessageTypes, PythonArrays
 from llmseg_ros.ros.outputs import FrameOutputs, build_outputs
 from llmseg_ros.ros.params import (
     DESCRIPTIONS,
+    INPUTS,
     NodeSettings,
+    check_overrides,
     default_parameters,
     handler_settings,
     split_parameters,
@@ -46,15 +62,91 @@ from llmseg_ros.ros.precompute import BackgroundPrecomputer
 from llmseg_ros.srv import ReasonSegment
 
 NODE_NAME = "llmseg_perception"
+# Executor threads: a request holds one while its model call runs (up to request_timeout),
+# so the lifecycle and parameter services, the camera callbacks and further requests
+# need spare ones.
+EXECUTOR_THREADS = 8
+# Longest wait for a running model call when the process exits (Ctrl-C) before the
+# models are freed; the process exits anyway once the call ends.
+EXIT_WAIT_S = 30.0
 
 
-class PerceptionNode(LifecycleNode):
-    """Lifecycle node serving ``reason_segment`` and publishing the answers."""
+class TransitionCallbackGroup(CallbackGroup):
+    """The lifecycle services' callback group: one ``change_state`` at a time, the rest at any time.
+
+    rclpy puts the lifecycle services into the node's default (mutually exclusive) group,
+    next to the parameter services, so while ``configure`` loads the models neither
+    ``ros2 lifecycle get`` nor ``ros2 param`` would get an answer. In this group only the
+    ``change_state`` service excludes itself; ``get_state`` and the other queries run
+    beside it, and the parameter services stay in the (idle) default group.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._lock = threading.Lock()
+        self._transition_running = False
+
+    @staticmethod
+    def _is_transition(entity: Any) -> bool:
+        return getattr(entity, "srv_type", None) is ChangeState
+
+    def can_execute(self, entity: Any) -> bool:
+        with self._lock:
+            return not (self._is_transition(entity) and self._transition_running)
+
+    def beginning_execution(self, entity: Any) -> bool:
+        if not self._is_transition(entity):
+            return True
+        with self._lock:
+            if self._transition_running:
+                return False
+            self._transition_running = True
+            return True
+
+    def ending_execution(self, entity: Any) -> None:
+        if self._is_transition(entity):
+            with self._lock:
+                self._transition_running = False
+
+
+Transition = Callable[[Any, LifecycleState], TransitionCallbackReturn]
+
+
+def _logged(name: str) -> Callable[[Transition], Transition]:
+    """Log (with the traceback) an exception escaping a transition callback, then report ERROR.
+
+    rclpy turns such an exception into the ERROR outcome without a word.
+    """
+
+    def wrap(callback: Transition) -> Transition:
+        @functools.wraps(callback)
+        def run(self: PerceptionNode, state: LifecycleState) -> TransitionCallbackReturn:
+            try:
+                return callback(self, state)
+            except Exception as exc:
+                self.get_logger().error(
+                    f"{name} failed: {type(exc).__name__}: {exc}\n{traceback.format_exc().rstrip()}"
+                )
+                return TransitionCallbackReturn.ERROR
+
+        return run
+
+    return wrap
+
+
+class PerceptionNode(LifecycleNodeMixin, Node):
+    """Lifecycle node serving ``reason_segment`` and publishing the answers.
+
+    Built like ``rclpy.lifecycle.LifecycleNode`` (the same two bases), but with its
+    lifecycle services in a :class:`TransitionCallbackGroup`.
+    """
 
     def __init__(self, node_name: str = NODE_NAME, **kwargs: Any) -> None:
-        super().__init__(node_name, **kwargs)
-        for name, value in default_parameters().items():
-            self.declare_parameter(name, value, ParameterDescriptor(description=DESCRIPTIONS.get(name, "")))
+        Node.__init__(self, node_name, **kwargs)
+        LifecycleNodeMixin.__init__(
+            self, enable_communication_interface=True, callback_group=TransitionCallbackGroup()
+        )
+        self._unknown_parameters = self._declare_parameters()
         self._builder = MessageBuilder(
             MessageTypes(
                 header=Header,
@@ -68,6 +160,7 @@ class PerceptionNode(LifecycleNode):
             PythonArrays(),
         )
         self._active = threading.Event()
+        self._gate = ModelGate()
         self._settings = NodeSettings()
         self._segmenter: Any = None
         self._buffer: FrameBuffer | None = None
@@ -79,11 +172,44 @@ class PerceptionNode(LifecycleNode):
         self._pubs: dict[str, Any] = {}
         self.get_logger().info("created; waiting for the lifecycle 'configure' transition")
 
+    def _declare_parameters(self) -> dict[str, Any]:
+        """Declare every parameter (with its description); report start-up values that do not fit.
+
+        A value of the wrong type would make ``declare_parameter`` raise and the process
+        die before the lifecycle starts; a misspelled name would be ignored. Both are
+        logged here, and ``configure`` fails on them until they are fixed. An integer
+        given for a floating-point parameter is taken as that number.
+
+        Returns:
+            The start-up values whose names this node does not declare.
+        """
+        # rclpy keeps the start-up values (parameters files, -p) in Node._parameter_overrides
+        # (Humble to Rolling); there is no public accessor.
+        overrides = {name: p.value for name, p in getattr(self, "_parameter_overrides", {}).items()}
+        check = check_overrides(
+            overrides,
+            [name for name in overrides if self.has_parameter(name)],
+            self.get_fully_qualified_name(),
+        )
+        for name, default in default_parameters().items():
+            descriptor = ParameterDescriptor(description=DESCRIPTIONS[name])
+            if name in check.coerced:
+                self.declare_parameter(name, check.coerced[name], descriptor, ignore_override=True)
+            elif name in check.mistyped:
+                descriptor.dynamic_typing = True  # keeps the given value, so that configure names it
+                self.declare_parameter(name, default, descriptor)
+            else:
+                self.declare_parameter(name, default, descriptor)
+        for problem in check.problems():
+            self.get_logger().error(problem)
+        return {name: overrides[name] for name in check.unknown}
+
     # -- lifecycle ---------------------------------------------------------------------
+    @_logged("configure")
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
         try:
-            values = {name: self.get_parameter(name).value for name in default_parameters()}
-            config, settings = split_parameters(values)
+            values: dict[str, Any] = {name: self.get_parameter(name).value for name in default_parameters()}
+            config, settings = split_parameters({**values, **self._unknown_parameters})
             if settings.profile == "tiny":
                 from llmseg_ros.tiny import TINY_BANNER, build_tiny_profile, default_cache_dir
 
@@ -104,21 +230,26 @@ class PerceptionNode(LifecycleNode):
             self._buffer = FrameBuffer(settings.frame_buffer_size)
             image_topic = self._create_entities(settings)
             self._handler = RequestHandler(
-                self._segmenter, self._buffer, handler_settings(config, settings, image_topic)
+                GatedSegmenter(self._segmenter, self._gate),
+                self._buffer,
+                handler_settings(config, settings, image_topic),
             )
         except Exception as exc:
             self.get_logger().error(f"configure failed: {type(exc).__name__}: {exc}")
-            self._teardown()
+            self._teardown("configure failed")
             return TransitionCallbackReturn.FAILURE
+        self._gate.open()
         self.get_logger().info(f"configured: {self._segmenter.describe()}")
         return TransitionCallbackReturn.SUCCESS
 
+    @_logged("activate")
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
         try:
             self._segmenter.load()  # no-op unless a deactivate freed the models
         except Exception as exc:
             self.get_logger().error(f"activate failed: cannot load the models: {type(exc).__name__}: {exc}")
             return TransitionCallbackReturn.FAILURE
+        self._gate.open()
         if self._settings.precompute and self._handler is not None:
             self._precompute = BackgroundPrecomputer(
                 self._handler.features_for, on_error=self._precompute_failed
@@ -127,43 +258,66 @@ class PerceptionNode(LifecycleNode):
         self.get_logger().info("active: serving reason_segment")
         return super().on_activate(state)
 
+    @_logged("deactivate")
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
-        self._stop_serving()
-        self.get_logger().info("inactive: models freed")
+        freed = self._stop_serving(
+            "the node was deactivated before this request's model call started",
+            wait_s=max(self._settings.request_timeout, 10.0),
+        )
+        self.get_logger().info("inactive: models freed" if freed else "inactive")
         return super().on_deactivate(state)
 
+    @_logged("cleanup")
     def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
-        self._teardown()
+        self._teardown("the node was cleaned up")
         self.get_logger().info("cleaned up")
         return TransitionCallbackReturn.SUCCESS
 
+    @_logged("shutdown")
     def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
-        self._teardown()
+        self._teardown("the node is shutting down")
         self.get_logger().info("shut down")
         return TransitionCallbackReturn.SUCCESS
 
+    @_logged("error processing")
     def on_error(self, state: LifecycleState) -> TransitionCallbackReturn:
-        self._teardown()
+        self._teardown("the node is recovering from an error")
         return TransitionCallbackReturn.SUCCESS
 
     def release(self) -> None:
-        """Free the models and stop the worker threads (called before the process exits)."""
-        self._teardown()
+        """Stop serving and free the models once no model call runs (called before the process exits)."""
+        self._teardown("the node is shutting down", wait_s=EXIT_WAIT_S)
 
-    def _stop_serving(self) -> None:
+    def _stop_serving(self, reason: str, wait_s: float) -> bool:
+        """Stop answering, wait (up to ``wait_s``) for the model call in progress, then free the models.
+
+        Returns:
+            whether the models were freed (``False`` when none were loaded, or a model
+            call was still running after ``wait_s``: then they stay loaded, and a later
+            ``activate`` uses them).
+        """
         self._active.clear()
-        if self._precompute is not None:
-            self._precompute.close(timeout=5.0)
-            self._precompute = None
+        precompute, self._precompute = self._precompute, None
+        if precompute is not None:
+            precompute.close(timeout=5.0)
+        idle = self._gate.close(reason, timeout=wait_s)
         if self._handler is not None:
             self._handler.clear()
         if self._buffer is not None:
             self._buffer.clear()
-        if self._segmenter is not None:
-            self._segmenter.close()
+        if self._segmenter is None or not self._segmenter.is_loaded:
+            return False
+        if not idle:
+            self.get_logger().error(
+                f"a model call is still running after {wait_s:g} s; the models stay loaded until the next "
+                "deactivate, cleanup or exit"
+            )
+            return False
+        self._segmenter.close()
+        return True
 
-    def _teardown(self) -> None:
-        self._stop_serving()
+    def _teardown(self, reason: str, wait_s: float | None = None) -> None:
+        self._stop_serving(reason, wait_s=self._settings.request_timeout if wait_s is None else wait_s)
         for pub in self._pubs.values():
             self.destroy_lifecycle_publisher(pub)
         self._pubs = {}
@@ -178,28 +332,33 @@ class PerceptionNode(LifecycleNode):
         self._segmenter = None
 
     # -- entities ----------------------------------------------------------------------
-    def _create_entities(self, settings: NodeSettings) -> str:
-        """Create subscriptions, publishers and the service; returns the resolved image topic."""
-        reliability = (
-            ReliabilityPolicy.RELIABLE
-            if settings.qos_reliability == "reliable"
-            else ReliabilityPolicy.BEST_EFFORT
-        )
-        qos_in = QoSProfile(
+    @staticmethod
+    def _input_qos(settings: NodeSettings, name: str) -> QoSProfile:
+        reliability, depth = settings.input_qos(name)
+        return QoSProfile(
             history=HistoryPolicy.KEEP_LAST,
-            depth=settings.qos_depth,
-            reliability=reliability,
+            depth=depth,
+            reliability=(
+                ReliabilityPolicy.RELIABLE if reliability == "reliable" else ReliabilityPolicy.BEST_EFFORT
+            ),
             durability=DurabilityPolicy.VOLATILE,
         )
-        qos_out = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1, reliability=ReliabilityPolicy.RELIABLE)
+
+    def _create_entities(self, settings: NodeSettings) -> str:
+        """Create subscriptions, publishers and the service; returns the resolved image topic."""
         inputs = MutuallyExclusiveCallbackGroup()
+        names = INPUTS if settings.use_depth else INPUTS[:1]
+        types = {"image": Image, "depth": Image, "camera_info": CameraInfo}
         if settings.use_depth:
             filters = [
-                message_filters.Subscriber(self, Image, "image", qos_profile=qos_in, callback_group=inputs),
-                message_filters.Subscriber(self, Image, "depth", qos_profile=qos_in, callback_group=inputs),
                 message_filters.Subscriber(
-                    self, CameraInfo, "camera_info", qos_profile=qos_in, callback_group=inputs
-                ),
+                    self,
+                    types[name],
+                    name,
+                    qos_profile=self._input_qos(settings, name),
+                    callback_group=inputs,
+                )
+                for name in names
             ]
             self._sync = message_filters.ApproximateTimeSynchronizer(
                 filters, settings.sync_queue_size, settings.sync_slop
@@ -208,14 +367,26 @@ class PerceptionNode(LifecycleNode):
             self._subscriptions_ = [f.sub for f in filters]
         else:
             self._subscriptions_ = [
-                self.create_subscription(Image, "image", self._on_frame, qos_in, callback_group=inputs)
+                self.create_subscription(
+                    Image, "image", self._on_frame, self._input_qos(settings, "image"), callback_group=inputs
+                )
             ]
-        image_topic = str(getattr(self._subscriptions_[0], "topic_name", "image"))
+        described = []
+        for name, sub in zip(names, self._subscriptions_):
+            reliability, depth = settings.input_qos(name)
+            described.append(f"{name} '{sub.topic_name}': {reliability}, keep_last {depth}, volatile")
         self.get_logger().info(
-            f"image QoS in use: reliability={settings.qos_reliability}, history=keep_last, depth={settings.qos_depth},"
-            f" durability=volatile on '{image_topic}'"
-            + (" (+ depth, camera_info; approximate sync)" if settings.use_depth else "")
-            + ". A best_effort subscription accepts any camera; set qos.reliability:=reliable only if needed."
+            "input QoS in use: "
+            + "; ".join(described)
+            + (f" (approximate time sync, slop {settings.sync_slop:g} s)" if settings.use_depth else "")
+            + ". A best_effort subscription matches best-effort and reliable publishers; a reliable one only "
+            "reliable publishers. Outputs are reliable, keep_last 1, volatile."
+        )
+        qos_out = QoSProfile(
+            history=HistoryPolicy.KEEP_LAST,
+            depth=1,
+            reliability=ReliabilityPolicy.RELIABLE,
+            durability=DurabilityPolicy.VOLATILE,
         )
         for key, msg_type, topic in (
             ("mask", Image, "mask"),
@@ -229,24 +400,48 @@ class PerceptionNode(LifecycleNode):
         self._service = self.create_service(
             ReasonSegment, "reason_segment", self._on_request, callback_group=ReentrantCallbackGroup()
         )
-        return image_topic
+        return str(self._subscriptions_[0].topic_name)
 
     # -- callbacks ---------------------------------------------------------------------
     def _on_frame(
         self, image: Image, depth: Image | None = None, camera_info: CameraInfo | None = None
     ) -> None:
-        if not self._active.is_set() or self._buffer is None:
+        try:
+            self._add_frame(image, depth, camera_info)
+        except Exception as exc:  # a camera message must never take the node down
+            self.get_logger().error(
+                f"dropped a frame after an unexpected {type(exc).__name__}: {exc}\n"
+                f"{traceback.format_exc().rstrip()}",
+                throttle_duration_sec=5.0,
+            )
+
+    def _add_frame(self, image: Image, depth: Image | None, camera_info: CameraInfo | None) -> None:
+        buffer, precompute = self._buffer, self._precompute
+        if not self._active.is_set() or buffer is None:
             return
         try:
             frame = frame_from_messages(image, depth, camera_info)
         except (ValueError, TypeError) as exc:
             self.get_logger().warning(f"dropped a frame: {exc}", throttle_duration_sec=5.0)
             return
-        self._buffer.add(frame)
-        if self._precompute is not None:
-            self._precompute.submit(frame)
+        buffer.add(frame)
+        if precompute is not None:
+            precompute.submit(frame)
 
     def _on_request(self, request: ReasonSegment.Request, response: ReasonSegment.Response) -> Any:
+        try:
+            return self._answer(request)
+        except Exception as exc:  # a request must never take the node down
+            self.get_logger().error(
+                f"reason_segment: unexpected {type(exc).__name__}: {exc}\n{traceback.format_exc().rstrip()}"
+            )
+            response.success = False
+            response.message = (
+                f"internal error while answering: {type(exc).__name__}: {exc}; the node keeps serving"
+            )
+            return response
+
+    def _answer(self, request: ReasonSegment.Request) -> Any:
         handler = self._handler
         if not self._active.is_set() or handler is None:
             outcome = SegmentationOutcome(
@@ -272,15 +467,16 @@ class PerceptionNode(LifecycleNode):
 
     def _publish(self, outcome: SegmentationOutcome, outputs: FrameOutputs) -> None:
         b = self._builder
-        self._pubs["mask"].publish(b.image(outputs.mask, outputs.header))
-        self._pubs["segmentation"].publish(b.segmentation(outcome, outputs.mask))
+        pubs = self._pubs
+        pubs["mask"].publish(b.image(outputs.mask, outputs.header))
+        pubs["segmentation"].publish(b.segmentation(outcome, outputs.mask))
         if outputs.overlay is not None and self._settings.publish_overlay:
-            self._pubs["overlay"].publish(b.image(outputs.overlay, outputs.header))
+            pubs["overlay"].publish(b.image(outputs.overlay, outputs.header))
         if outputs.masked_depth is not None:
-            self._pubs["masked_depth"].publish(b.image(outputs.masked_depth, outputs.depth_header))
-            self._pubs["camera_info"].publish(outputs.camera_info)
+            pubs["masked_depth"].publish(b.image(outputs.masked_depth, outputs.depth_header))
+            pubs["camera_info"].publish(outputs.camera_info)
         if outputs.cloud is not None and outputs.depth_header is not None:
-            self._pubs["points"].publish(b.point_cloud(outputs.cloud, outputs.depth_header))
+            pubs["points"].publish(b.point_cloud(outputs.cloud, outputs.depth_header))
         for warning in outputs.warnings:
             self.get_logger().warning(warning, throttle_duration_sec=5.0)
 
@@ -291,21 +487,56 @@ class PerceptionNode(LifecycleNode):
         )
 
 
+def spin(executor: MultiThreadedExecutor, node: Node) -> None:
+    """Spin until the context shuts down; an exception escaping a callback is logged, not fatal.
+
+    (rclpy's executor re-raises such an exception from ``spin()``, which would end the
+    process.) Ctrl-C (``KeyboardInterrupt``) and an external shutdown still end it.
+    """
+    while rclpy.ok(context=executor.context):
+        try:
+            executor.spin()
+        except (KeyboardInterrupt, ExternalShutdownException):
+            raise
+        except Exception as exc:
+            node.get_logger().error(
+                f"a callback raised {type(exc).__name__}: {exc}; the node keeps running\n"
+                f"{traceback.format_exc().rstrip()}",
+                throttle_duration_sec=5.0,
+            )
+
+
+def _uninterrupted(step: Callable[[], Any]) -> None:
+    """Run one step of the exit; a further Ctrl-C does not cut it short (the step runs again)."""
+    while True:
+        try:
+            step()
+            return
+        except KeyboardInterrupt:
+            continue
+
+
 def main(args: list[str] | None = None) -> int:
-    """Run the node with a multi-threaded executor until shutdown (Ctrl-C)."""
+    """Run the node with a multi-threaded executor until shutdown (Ctrl-C); exit code 0."""
     rclpy.init(args=args)
     node = PerceptionNode()
-    executor = MultiThreadedExecutor()
+    executor = MultiThreadedExecutor(num_threads=EXECUTOR_THREADS)
     executor.add_node(node)
     try:
-        executor.spin()
+        spin(executor, node)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:
-        node.release()
-        executor.shutdown()
-        node.destroy_node()
-        rclpy.try_shutdown()
+        # Under `ros2 launch`, Ctrl-C reaches the node twice (from the terminal, and
+        # forwarded by launch): the second must not cut the orderly exit short.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        for step in (node.release, executor.shutdown, node.destroy_node, rclpy.try_shutdown):
+            _uninterrupted(step)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # rclpy.try_shutdown restores the previous handler
+        # The process ends now: spare the interpreter's final garbage collection passes over
+        # every object torch and transformers created (seconds; launch sends SIGTERM 5 s
+        # after SIGINT).
+        gc.freeze()
     return 0
 
 

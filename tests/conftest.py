@@ -3,13 +3,30 @@ DINO and untrained heads) built once per test session and loaded through the rea
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 
 import numpy as np
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Undo a side effect of ROS 2's launch_testing pytest plugin (loaded when ROS 2 is sourced).
+
+    The plugin imports ``launch``, whose logging module makes every logger created from
+    then on a non-propagating ``LaunchLogger``: the package's log records would never reach
+    the root logger, so ``caplog`` and ``-o log_cli`` would see nothing. The package's
+    loggers are created later, when the test modules import it, as plain loggers again.
+    """
+    launch_logging = sys.modules.get("launch.logging")
+    if launch_logging is not None and logging.getLoggerClass() is getattr(
+        launch_logging, "LaunchLogger", None
+    ):
+        logging.setLoggerClass(logging.Logger)
 
 
 @pytest.fixture(scope="session")

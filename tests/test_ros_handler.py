@@ -65,7 +65,7 @@ def test_no_frame_yet_names_the_topic_and_the_qos() -> None:
     outcome = handler.handle(request_msg("a cup"))
     assert not outcome.success and outcome.result is None and outcome.frame is None
     assert "no image received yet on topic '/camera/image'" in outcome.message
-    assert "qos.reliability" in outcome.message
+    assert "qos.image.reliability" in outcome.message
     buffer.add(Frame(header=HeaderData(3 * S, "camera"), rgb=colour_image()))
     assert_next_request_works(handler)
 

@@ -13,6 +13,7 @@ from llmseg_ros.ros.params import (
     DESCRIPTIONS,
     SKIPPED_CONFIG_FIELDS,
     NodeSettings,
+    check_overrides,
     config_to_parameters,
     default_parameters,
     handler_settings,
@@ -90,24 +91,37 @@ def test_wrong_types_and_values_name_the_parameter() -> None:
         parameters_to_settings({"use_depth": 1})
     with pytest.raises(ValueError, match="strategy must be one of"):
         parameters_to_config({"selection.strategy": "best"})
-    with pytest.raises(ValueError, match=r"unknown parameter\(s\) \['selection.stratgy'\]"):
+    with pytest.raises(ValueError, match=r"unknown parameter\(s\) 'selection.stratgy'"):
         split_parameters({"selection.stratgy": "top1_iou"})
     assert parameters_to_config({"selection.iop_threshold": 1}).selection.iop_threshold == 1.0  # int → float
 
 
 def test_node_settings_mapping_and_validation() -> None:
-    settings = NodeSettings(use_depth=True, qos_reliability="reliable", qos_depth=5, request_timeout=12.5)
-    params = settings_to_parameters(settings)
-    assert (
-        params["qos.reliability"] == "reliable" and params["qos.depth"] == 5 and params["sync.slop"] == 0.05
+    settings = NodeSettings(
+        use_depth=True,
+        image_reliability="reliable",
+        image_history_depth=2,
+        camera_info_history_depth=7,
+        request_timeout=12.5,
     )
+    params = settings_to_parameters(settings)
+    assert params["qos.image.reliability"] == "reliable" and params["qos.image.history_depth"] == 2
+    assert params["qos.depth.reliability"] == "best_effort" and params["qos.camera_info.history_depth"] == 7
+    assert params["sync.slop"] == 0.05
     assert parameters_to_settings(params) == settings
-    with pytest.raises(ValueError, match=r"qos.reliability must be one of \['best_effort', 'reliable'\]"):
-        NodeSettings(qos_reliability="sensor_data")
+    assert settings.input_qos("image") == ("reliable", 2)
+    assert settings.input_qos("depth") == ("best_effort", 5)  # the sensor-data profile's depth
+    assert settings.input_qos("camera_info") == ("best_effort", 7)
+    with pytest.raises(ValueError, match="input must be one of"):
+        settings.input_qos("points")
+    with pytest.raises(
+        ValueError, match=r"qos.depth.reliability must be one of \['best_effort', 'reliable'\]"
+    ):
+        NodeSettings(depth_reliability="sensor_data")
     with pytest.raises(ValueError, match="request_timeout must be a finite number of seconds > 0, got 0"):
         NodeSettings(request_timeout=0.0)
-    with pytest.raises(ValueError, match=r"qos\.depth must be >= 1"):
-        NodeSettings(qos_depth=0)
+    with pytest.raises(ValueError, match=r"qos\.camera_info\.history_depth must be >= 1"):
+        NodeSettings(camera_info_history_depth=0)
     with pytest.raises(ValueError, match="profile must be one of"):
         NodeSettings(profile="huge")
     config, node = split_parameters({**default_parameters(), "selection.top_k": 7, "precompute": True})
@@ -118,6 +132,44 @@ def test_node_settings_mapping_and_validation() -> None:
         12.5,
         "/cam/image",
     )
+
+
+def test_start_up_values_are_checked_against_the_parameter_types() -> None:
+    check = check_overrides(
+        {
+            "request_timeout": "soon",
+            "stamp_tolerance": 1,
+            "use_depth": 1,
+            "lora.target_modules": ["q_proj"],
+            "selection.stratgy": "top1_iou",
+            "use_sim_time": True,
+            "frame_buffer_size": 4,
+        },
+        declared_elsewhere=["use_sim_time"],
+        node_name="/robot/llmseg_perception",
+    )
+    assert check.coerced == {"stamp_tolerance": 1.0}
+    assert set(check.mistyped) == {"request_timeout", "use_depth"}
+    assert check.mistyped["request_timeout"] == (
+        "parameter request_timeout is set to 'soon' (a string) at start-up; expected a number like 60.0. "
+        "The node will not configure until it is fixed in the parameters file or with: "
+        "ros2 param set /robot/llmseg_perception request_timeout <value>"
+    )
+    assert "expected a bool like false" in check.mistyped["use_depth"]
+    assert check.unknown == ["selection.stratgy"]
+    problems = check.problems()
+    assert len(problems) == 3
+    assert "unknown parameter(s) 'selection.stratgy' (did you mean 'selection.strategy'?)" in problems[-1]
+    assert check_overrides({}).problems() == []
+
+
+def test_unknown_parameters_fail_with_the_nearest_names() -> None:
+    with pytest.raises(
+        ValueError, match=r"'qos\.image\.reliabilty' \(did you mean 'qos\.image\.reliability'\?\)"
+    ):
+        split_parameters({**default_parameters(), "qos.image.reliabilty": "reliable"})
+    with pytest.raises(ValueError, match=r"unknown parameter\(s\) 'zzz': this node has no such parameter"):
+        split_parameters({"zzz": 1})
 
 
 def test_perception_yaml_documents_every_parameter_with_its_default() -> None:

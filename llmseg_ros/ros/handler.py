@@ -398,7 +398,7 @@ class RequestHandler:
         if latest is None:
             raise RequestError(
                 f"no image received yet on topic '{self.settings.image_topic}'; check the camera topic remapping "
-                "and that the image QoS (parameter qos.reliability) is compatible with the camera's publisher"
+                "and that the image QoS (parameter qos.image.reliability) is compatible with the camera's publisher"
             )
         if parsed.conversation_id is not None:
             with self._conv_lock:

@@ -9,9 +9,10 @@ written as ``""`` and tuples as string arrays. Pure functions, no ROS import.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,11 +36,16 @@ MODEL_FIELDS = (
 SKIPPED_CONFIG_FIELDS = ("profile",)
 PROFILES = ("", "tiny")
 QOS_RELIABILITY = ("best_effort", "reliable")
+# The subscribed inputs, each with its own QoS parameters (qos.<input>.reliability, ...).
+INPUTS = ("image", "depth", "camera_info")
 
 
 @dataclass
 class NodeSettings:
     """Parameters of the node itself (not of the segmenter).
+
+    The QoS defaults are ROS 2's sensor-data profile (best effort, volatile, keep last 5):
+    a best-effort subscription matches both best-effort and reliable publishers.
 
     Attributes:
         profile: ``""`` = models from the parameters; ``tiny`` = tiny random models built
@@ -51,8 +57,10 @@ class NodeSettings:
         request_timeout: seconds one request may take, waiting for the model included.
         precompute: prepare proposals for each new frame in the background.
         publish_overlay: publish the bgr8 ``overlay`` topic.
-        qos_reliability: image subscription reliability, ``best_effort`` or ``reliable``.
-        qos_depth: image subscription history depth (keep last N).
+        image_reliability: ``image`` subscription reliability, ``best_effort`` or ``reliable``.
+        image_history_depth: ``image`` subscription history depth (keep last N).
+        depth_reliability, depth_history_depth: the same for ``depth``.
+        camera_info_reliability, camera_info_history_depth: the same for ``camera_info``.
         sync_slop: seconds of stamp difference the colour/depth/info sync accepts.
         sync_queue_size: messages per topic the sync keeps while matching.
     """
@@ -64,19 +72,26 @@ class NodeSettings:
     request_timeout: float = 60.0
     precompute: bool = False
     publish_overlay: bool = True
-    qos_reliability: str = "best_effort"
-    qos_depth: int = 1
+    image_reliability: str = "best_effort"
+    image_history_depth: int = 5
+    depth_reliability: str = "best_effort"
+    depth_history_depth: int = 5
+    camera_info_reliability: str = "best_effort"
+    camera_info_history_depth: int = 5
     sync_slop: float = 0.05
     sync_queue_size: int = 10
 
     def __post_init__(self) -> None:
         if self.profile not in PROFILES:
             raise ValueError(f"profile must be one of {list(PROFILES)}, got {self.profile!r}")
-        if self.qos_reliability not in QOS_RELIABILITY:
-            raise ValueError(
-                f"qos.reliability must be one of {list(QOS_RELIABILITY)}, got {self.qos_reliability!r}"
-            )
-        for name in ("frame_buffer_size", "qos_depth", "sync_queue_size"):
+        for name in INPUTS:
+            value = getattr(self, f"{name}_reliability")
+            if value not in QOS_RELIABILITY:
+                raise ValueError(
+                    f"{NODE_PARAMETERS[f'{name}_reliability']} must be one of {list(QOS_RELIABILITY)}, got {value!r}"
+                )
+        counts = ("frame_buffer_size", "sync_queue_size", *(f"{name}_history_depth" for name in INPUTS))
+        for name in counts:
             if getattr(self, name) < 1:
                 raise ValueError(f"{NODE_PARAMETERS[name]} must be >= 1, got {getattr(self, name)}")
         for name, low in (("stamp_tolerance", ">= 0"), ("request_timeout", "> 0"), ("sync_slop", "> 0")):
@@ -85,6 +100,12 @@ class NodeSettings:
                 raise ValueError(
                     f"{NODE_PARAMETERS[name]} must be a finite number of seconds {low}, got {value}"
                 )
+
+    def input_qos(self, name: str) -> tuple[str, int]:
+        """(reliability, history depth) of the subscription to input ``name`` (one of ``INPUTS``)."""
+        if name not in INPUTS:
+            raise ValueError(f"input must be one of {list(INPUTS)}, got {name!r}")
+        return getattr(self, f"{name}_reliability"), getattr(self, f"{name}_history_depth")
 
 
 # NodeSettings field → parameter name.
@@ -96,8 +117,8 @@ NODE_PARAMETERS = {
     "request_timeout": "request_timeout",
     "precompute": "precompute",
     "publish_overlay": "publish_overlay",
-    "qos_reliability": "qos.reliability",
-    "qos_depth": "qos.depth",
+    **{f"{name}_reliability": f"qos.{name}.reliability" for name in INPUTS},
+    **{f"{name}_history_depth": f"qos.{name}.history_depth" for name in INPUTS},
     "sync_slop": "sync.slop",
     "sync_queue_size": "sync.queue_size",
 }
@@ -111,8 +132,12 @@ DESCRIPTIONS: dict[str, str] = {
     "request_timeout": "seconds one request may take (waiting for the model included) before success=false",
     "precompute": "compute proposals for each new frame in the background (at most one running, one pending)",
     "publish_overlay": "publish the bgr8 overlay topic after each answer",
-    "qos.reliability": "image subscription reliability: best_effort (sensor data, default) or reliable",
-    "qos.depth": "image subscription history depth (keep last N)",
+    "qos.image.reliability": "image subscription reliability: best_effort (matches any publisher) or reliable",
+    "qos.depth.reliability": "depth subscription reliability: best_effort (matches any publisher) or reliable",
+    "qos.camera_info.reliability": "camera_info subscription reliability: best_effort (matches any publisher) or reliable",
+    "qos.image.history_depth": "image subscription history depth (keep last N)",
+    "qos.depth.history_depth": "depth subscription history depth (keep last N)",
+    "qos.camera_info.history_depth": "camera_info subscription history depth (keep last N)",
     "sync.slop": "seconds of stamp difference accepted when matching image, depth and camera_info",
     "sync.queue_size": "messages per topic kept by the approximate time synchroniser",
     # segmenter
@@ -265,6 +290,20 @@ def parameters_to_settings(values: Mapping[str, Any]) -> NodeSettings:
     return NodeSettings(**kwargs)
 
 
+def unknown_parameter_message(names: Iterable[str]) -> str:
+    """Why parameters this node does not have are an error, with the nearest known names."""
+    known = list(default_parameters())
+    parts = []
+    for name in sorted(names):
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+        parts.append(f"'{name}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+    return (
+        f"unknown parameter(s) {', '.join(parts)}: this node has no such parameter, so the value would be "
+        "ignored; fix or remove it in the parameters file or the command line "
+        "(config/perception.yaml lists every parameter)"
+    )
+
+
 def split_parameters(values: Mapping[str, Any]) -> tuple[SegmenterConfig, NodeSettings]:
     """(config, settings) from every parameter of the node.
 
@@ -272,11 +311,86 @@ def split_parameters(values: Mapping[str, Any]) -> tuple[SegmenterConfig, NodeSe
         ValueError: an unknown parameter name (a typo in the parameters file would
             otherwise be silently ignored) or an invalid value.
     """
-    known = set(default_parameters())
-    unknown = sorted(set(values) - known)
+    unknown = set(values) - set(default_parameters())
     if unknown:
-        raise ValueError(f"unknown parameter(s) {unknown}; known parameters are {sorted(known)}")
+        raise ValueError(unknown_parameter_message(unknown))
     return parameters_to_config(values), parameters_to_settings(values)
+
+
+def _type_name(value: Any) -> str:
+    if isinstance(value, bool):
+        return "a bool"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, (list, tuple)):
+        return "a list of strings"
+    return type(value).__name__
+
+
+@dataclass
+class OverrideCheck:
+    """What the node does with the parameter values given at start-up (parameters file, ``-p``).
+
+    Attributes:
+        coerced: name → value converted to the declared type (an integer given for a
+            floating-point parameter, e.g. ``request_timeout: 30``).
+        mistyped: name → message, for values whose type the parameter cannot take; the
+            node keeps such a value (so ``configure`` reports it) instead of dying.
+        unknown: names the node does not declare (typos), in the order given.
+    """
+
+    coerced: dict[str, ParameterValue] = dataclasses.field(default_factory=dict)
+    mistyped: dict[str, str] = dataclasses.field(default_factory=dict)
+    unknown: list[str] = dataclasses.field(default_factory=list)
+
+    def problems(self) -> list[str]:
+        """One message per problem, for the start-up log."""
+        out = list(self.mistyped.values())
+        if self.unknown:
+            out.append(unknown_parameter_message(self.unknown))
+        return out
+
+
+def check_overrides(
+    overrides: Mapping[str, Any], declared_elsewhere: Iterable[str] = (), node_name: str = "<node>"
+) -> OverrideCheck:
+    """Compare start-up parameter values with the types of the node's parameters.
+
+    Args:
+        overrides: parameter name → value given at start-up.
+        declared_elsewhere: names declared by rclpy itself (``use_sim_time``, ...), which
+            are not ours to check.
+        node_name: fully qualified node name, for the messages.
+    """
+    defaults = default_parameters()
+    skip = set(declared_elsewhere)
+    check = OverrideCheck()
+    for name, value in overrides.items():
+        if name in skip:
+            continue
+        if name not in defaults:
+            check.unknown.append(name)
+            continue
+        default = defaults[name]
+        if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+            check.coerced[name] = float(value)
+            continue
+        same = type(value) is type(default) or (
+            isinstance(default, list)
+            and isinstance(value, (list, tuple))
+            and all(isinstance(v, str) for v in value)
+        )
+        if not same:
+            check.mistyped[name] = (
+                f"parameter {name} is set to {value!r} ({_type_name(value)}) at start-up; expected "
+                f"{_type_name(default)} like {_yaml_value(default)}. The node will not configure until it "
+                f"is fixed in the parameters file or with: ros2 param set {node_name} {name} <value>"
+            )
+    return check
 
 
 def handler_settings(
@@ -306,12 +420,14 @@ _YAML_HEADER = """\
 # Parameters of the llmseg_ros perception node (llmseg_ros/node.py).
 #
 # Every parameter the node declares is listed here with its default value; ROS 2 flattens
-# the nesting into dotted names (qos.reliability, models.sam_checkpoint, ...).
-# - Keep the types: write floats with a decimal point (1.0, not 1); "" means "none".
+# the nesting into dotted names (qos.image.reliability, models.sam_checkpoint, ...).
+# - Keep the types: "" means "none"; an integer is accepted for a number (30 for 30.0).
+#   A misspelled name or a value of the wrong type is reported when the node starts, and
+#   the node then refuses to configure until it is fixed.
 # - Parameters are read on the lifecycle 'configure' transition: after changing one, run
 #   deactivate, cleanup, configure, activate (or restart the node).
-# - perception.launch.py passes its arguments device, weights_dir, use_depth and profile
-#   after this file, so those four are set on the launch command line.
+# - perception.launch.py sets a parameter on the command line only when its launch
+#   argument is given (e.g. device:=cuda); otherwise the value in this file applies.
 # Generated by llmseg_ros.ros.params.parameters_yaml(); a test keeps it in sync.
 /**:
   ros__parameters:
@@ -330,17 +446,27 @@ def _yaml_value(value: ParameterValue) -> str:
 
 def parameters_yaml() -> str:
     """``config/perception.yaml``: every parameter with its default and description, nested by prefix."""
-    groups: dict[str, list[tuple[str, ParameterValue]]] = {}
+    tree: dict[str, Any] = {}
     for name, value in default_parameters().items():
-        prefix, _, key = name.rpartition(".")
-        groups.setdefault(prefix, []).append((key, value))
+        *groups, key = name.split(".")
+        node = tree
+        for group in groups:
+            node = node.setdefault(group, {})
+        node[key] = (name, value)
     lines = [_YAML_HEADER.rstrip("\n")]
-    for prefix, items in groups.items():
-        indent = "    "
-        if prefix:
-            lines += ["", f"    {prefix}:"]
-            indent = "      "
-        for key, value in items:
-            name = f"{prefix}.{key}" if prefix else key
-            lines += [f"{indent}# {DESCRIPTIONS.get(name, '')}", f"{indent}{key}: {_yaml_value(value)}"]
+
+    def emit(node: dict[str, Any], indent: str) -> None:
+        for key, item in node.items():
+            if isinstance(item, dict):
+                lines.extend(["", f"{indent}{key}:"] if indent == "    " else [f"{indent}{key}:"])
+                emit(item, indent + "  ")
+            else:
+                name, value = item
+                lines.extend(
+                    [f"{indent}# {DESCRIPTIONS.get(name, '')}", f"{indent}{key}: {_yaml_value(value)}"]
+                )
+
+    # leaves first at the top level (the node's own parameters), then the groups
+    emit({k: v for k, v in tree.items() if not isinstance(v, dict)}, "    ")
+    emit({k: v for k, v in tree.items() if isinstance(v, dict)}, "    ")
     return "\n".join(lines) + "\n"
