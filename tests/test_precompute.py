@@ -12,6 +12,8 @@ from precompute_testing import REPO, fake_features, fake_proposals, fill_fake, w
 
 from llmseg_ros.data.io import read_rgb, write_image
 from llmseg_ros.training.cache import (
+    MANIFEST_NAME,
+    CacheManifest,
     CacheSet,
     ProposalCache,
     decode_record,
@@ -260,3 +262,62 @@ def test_cli_with_the_real_tiny_proposal_stage(tmp_path: Path, capsys: pytest.Ca
     assert cache.manifest.proposals["max_proposals"] == TINY_PROPOSALS.max_proposals
     again = script.main(argv.split())
     assert again.computed == 0 and again.shards_skipped == 2
+
+
+def test_features_record_their_position_embedding_resampling(tmp_path: Path) -> None:
+    """A cache's features say how DINOv2's position embeddings were resampled; features made
+    another way are refused on resume, and a cache.json from before the choice reads as
+    ``transformers`` (what every backbone used then)."""
+    paths = write_images(tmp_path / "images", 2)
+    out = tmp_path / "cache"
+    common = dict(
+        features=fake_features, feature_model="f", feature_input_size=1, shard_size=2, progress=False
+    )
+    precompute_cache(paths, out, fake_proposals, feature_pos_interpolation="transformers", **common)
+    assert ProposalCache(out).manifest.features.pos_interpolation == "transformers"
+    with pytest.raises(
+        ValueError, match=r"position embeddings: transformers\), asked for 'f' at 1 px \(hub\)"
+    ):
+        precompute_cache(paths, out, fake_proposals, **common)  # the default: hub
+
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    del manifest["features"]["pos_interpolation"]
+    assert CacheManifest.from_dict(manifest).features.pos_interpolation == "transformers"
+    manifest["features"]["pos_interpolation"] = "bilinear"
+    with pytest.raises(ValueError, match=r"pos_interpolation must be one of \['hub', 'transformers'\]"):
+        CacheManifest.from_dict(manifest)
+
+
+def test_training_refuses_features_made_with_another_resampling(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from llmseg_ros.training.trainer import Trainer
+
+    paths = write_images(tmp_path / "images", 2)
+    out = tmp_path / "cache"
+    precompute_cache(
+        paths,
+        out,
+        fake_proposals,
+        features=fake_features,
+        feature_model="f",
+        feature_input_size=1,
+        feature_pos_interpolation="transformers",
+        shard_size=2,
+        progress=False,
+    )
+    shape = ProposalCache(out).manifest.features.shape
+    trainer = SimpleNamespace(
+        config=SimpleNamespace(sources=[SimpleNamespace(name="s")], embed_size=1, dinov2="f"),
+        mix=SimpleNamespace(caches=[CacheSet([ProposalCache(out)])]),
+    )
+
+    def modules(pos_interpolation: str) -> SimpleNamespace:
+        embedder = SimpleNamespace(
+            hidden_size=shape[0], grid_size=shape[1], pos_interpolation=pos_interpolation
+        )
+        return SimpleNamespace(embedder=embedder)
+
+    Trainer._check_feature_caches(trainer, modules("transformers"))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="'transformers' position-embedding resampling, but training"):
+        Trainer._check_feature_caches(trainer, modules("hub"))  # type: ignore[arg-type]

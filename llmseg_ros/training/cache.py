@@ -46,6 +46,7 @@ import numpy as np
 from llmseg_ros.data.rle import decode_rle, encode_rle
 from llmseg_ros.types import Proposals
 from llmseg_ros.utils.atomic import atomic_write_stream
+from llmseg_ros.weights.directory import DINOV2_POS_INTERPOLATIONS
 
 CACHE_FORMAT = "llmseg_ros.proposal_cache"
 CACHE_VERSION = 1
@@ -87,12 +88,16 @@ class FeatureSpec:
         input_size: the backbone's input long side (pixels).
         shape: (C, g, g) of one image's features.
         dtype: storage dtype (``float16``).
+        pos_interpolation: how the backbone resampled its position embeddings to the input
+            size (``hub`` or ``transformers``, see :class:`~llmseg_ros.models.embeddings.MaskEmbedder`);
+            a ``cache.json`` without it predates the choice and holds ``transformers`` features.
     """
 
     model: str
     input_size: int
     shape: tuple[int, int, int]
     dtype: str = "float16"
+    pos_interpolation: str = "transformers"
 
     def __post_init__(self) -> None:
         self.shape = tuple(int(v) for v in self.shape)  # type: ignore[assignment]
@@ -100,6 +105,11 @@ class FeatureSpec:
             raise ValueError(f"feature shape must be (C, g, g) of positive ints, got {self.shape}")
         if self.dtype != "float16":
             raise ValueError(f"feature dtype must be 'float16', got {self.dtype!r}")
+        if self.pos_interpolation not in DINOV2_POS_INTERPOLATIONS:
+            raise ValueError(
+                f"feature pos_interpolation must be one of {list(DINOV2_POS_INTERPOLATIONS)}, "
+                f"got {self.pos_interpolation!r}"
+            )
 
 
 @dataclass
@@ -153,6 +163,7 @@ class CacheManifest:
                 "input_size": self.features.input_size,
                 "shape": list(self.features.shape),
                 "dtype": self.features.dtype,
+                "pos_interpolation": self.features.pos_interpolation,
             },
             "items": [[k, n] for k, n in self.items],
         }

@@ -255,6 +255,7 @@ def _plan(
     features: BatchFeatureFn | None,
     feature_model: str,
     feature_input_size: int,
+    feature_pos_interpolation: str,
 ) -> CacheManifest:
     """Rank 0 hashes the images and creates or checks the manifest; every rank gets it (or rank 0's error)."""
     data: dict[str, Any] | None = None
@@ -268,18 +269,25 @@ def _plan(
                 assert features is not None
                 _, channels, height, width = _features_array(features, [read_rgb(items[0][1])]).shape
                 return FeatureSpec(
-                    model=feature_model, input_size=feature_input_size, shape=(channels, height, width)
+                    model=feature_model,
+                    input_size=feature_input_size,
+                    shape=(channels, height, width),
+                    pos_interpolation=feature_pos_interpolation,
                 )
 
             manifest = _load_or_create_manifest(
                 directory, items, shard_size, settings, None if features is None else probe_spec
             )
-            if manifest.features is not None and (
-                manifest.features.model != feature_model or manifest.features.input_size != feature_input_size
+            held = manifest.features
+            if held is not None and (
+                held.model != feature_model
+                or held.input_size != feature_input_size
+                or held.pos_interpolation != feature_pos_interpolation
             ):
                 raise ValueError(
-                    f"the cache at {directory} holds features of {manifest.features.model!r} at "
-                    f"{manifest.features.input_size} px, asked for {feature_model!r} at {feature_input_size} px"
+                    f"the cache at {directory} holds features of {held.model!r} at {held.input_size} px "
+                    f"(position embeddings: {held.pos_interpolation}), asked for {feature_model!r} at "
+                    f"{feature_input_size} px ({feature_pos_interpolation}); use another --out or delete it"
                 )
             data = manifest.to_dict()
         except Exception as exc:
@@ -438,6 +446,7 @@ def precompute_cache(
     features: FeatureFn | None = None,
     feature_model: str = "",
     feature_input_size: int = 0,
+    feature_pos_interpolation: str = "hub",
     shard_size: int = 32,
     proposal_settings: dict[str, Any] | None = None,
     progress: bool = True,
@@ -460,7 +469,8 @@ def precompute_cache(
         batch_features: the backbone on several images at once, called with up to
             ``feature_batch_size`` images of one shard (the same batches whichever
             process computes the shard, so the bytes do not depend on the process count).
-        feature_model / feature_input_size: recorded in the manifest with the features.
+        feature_model / feature_input_size / feature_pos_interpolation: recorded in the
+            manifest with the features (the last: the backbone's ``pos_interpolation``).
         shard_size: images per shard.
         proposal_settings: JSON-safe description of the proposal stage, stored in the
             manifest and checked on resume.
@@ -492,7 +502,15 @@ def precompute_cache(
     directory.mkdir(parents=True, exist_ok=True)
     settings = dict(proposal_settings or {})
     manifest = _plan(
-        world, directory, paths, shard_size, settings, batch_fn, feature_model, feature_input_size
+        world,
+        directory,
+        paths,
+        shard_size,
+        settings,
+        batch_fn,
+        feature_model,
+        feature_input_size,
+        feature_pos_interpolation,
     )
     with_features = manifest.features is not None
     job = world.broadcast(uuid.uuid4().hex)  # also the job's common start

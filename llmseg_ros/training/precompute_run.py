@@ -217,6 +217,7 @@ def _run(config: PrecomputeConfig, world: World) -> PrecomputeSummary:
     encoder_dtype = None if config.encoder_dtype == "float32" else config.encoder_dtype
     generator = ProposalGenerator.from_config(sam, proposal_config, encoder_dtype=encoder_dtype)
     features: BatchFeatureFn | None = None
+    pos_interpolation = "hub"
     if config.features:
         import torch
 
@@ -225,6 +226,8 @@ def _run(config: PrecomputeConfig, world: World) -> PrecomputeSummary:
         embedder = MaskEmbedder.load(
             dinov2, device=device, dtype=resolve_dtype(config.dtype, device), input_size=embed_size
         )
+
+        pos_interpolation = embedder.pos_interpolation
 
         def features(images: Sequence[np.ndarray]) -> np.ndarray:
             return dinov2_batch_features(embedder, images).to(torch.float16).cpu().numpy()
@@ -244,6 +247,7 @@ def _run(config: PrecomputeConfig, world: World) -> PrecomputeSummary:
         feature_batch_size=config.feature_batch_size,
         feature_model=dinov2,
         feature_input_size=embed_size,
+        feature_pos_interpolation=pos_interpolation,
         shard_size=config.shard_size,
         proposal_settings=settings,
         progress=config.progress,

@@ -246,6 +246,13 @@ class Trainer:
                         f"{tuple(spec.shape)} at {spec.input_size} px, but {self.config.dinov2!r} at "
                         f"{self.config.embed_size} px gives {expected}; rebuild the cache or drop its features"
                     )
+                if spec.pos_interpolation != embedder.pos_interpolation:
+                    raise ValueError(
+                        f"proposal cache {cache.directory} of source {source.name!r} holds features made with "
+                        f"the {spec.pos_interpolation!r} position-embedding resampling, but training (and "
+                        f"inference) uses {embedder.pos_interpolation!r}; rebuild the cache with "
+                        "training/precompute.py --features or drop its features"
+                    )
 
     @property
     def is_main(self) -> bool:
