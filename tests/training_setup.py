@@ -97,6 +97,10 @@ class CachedProposals:
     def generate(self, image: np.ndarray) -> Proposals:
         return self._by_pixels[pixel_key(image)]
 
+    def generate_with_encoding(self, image: np.ndarray) -> tuple[Proposals, None]:
+        """The cached proposals; no SAM encoding (the cache keeps none)."""
+        return self.generate(image), None
+
 
 def method_from_weights(
     weights_dir: Path, models: dict[str, str], generator: CachedProposals, embed_size: int = TINY_EMBED_SIZE
