@@ -60,6 +60,9 @@ string method
 string answer
 string[] stage_names
 float64[] stage_seconds
+string track_id
+string track_state
+string track_reason
 """
 IMAGE = "sensor_msgs/msg/Image"
 CAMERA_INFO = "sensor_msgs/msg/CameraInfo"

@@ -207,6 +207,8 @@ class TrackSet:
         for track_id, tracker in trackers:
             if not tracker.alive:
                 continue  # stopped since the snapshot
+            if tracker.status().last_stamp_ns >= frame.stamp_ns:
+                continue  # not newer than the track's latest frame (e.g. it started on a newer one)
             try:
                 with self._model_lock:
                     result = tracker.update(shared, stamp_ns=frame.stamp_ns)
