@@ -516,7 +516,7 @@ class PerceptionNode(LifecycleNodeMixin, Node):
         if outcome.success and track.track and outcome.frame is not None:
             features = handler.features_for(outcome.frame)[0] if handler.has_features(outcome.frame) else None
             try:
-                outcome = tracks.start(outcome, track, features)
+                outcome = tracks.start(outcome, track, features, now_ns=self.get_clock().now().nanoseconds)
             except RequestError as exc:
                 outcome.success = False
                 outcome.message = f"{exc} (the answer was: {outcome.message})"

@@ -145,6 +145,15 @@ def test_tracks_time_out_on_frame_time_extrapolated_by_the_clock(tracking_segmen
     (end,) = live.expire(CLOCK + 1001 * MS)
     assert end.ended and end.outcome.track_reason.startswith("expired") and end.header.stamp_ns == T0
     assert len(live) == 0 and live.expire(CLOCK + 5000 * MS) == []
+    # a track started (on the clock) long after the latest frame lives its timeout from its start
+    live.start(
+        outcome_on(frame, box_mask(scene_image, (15, 25, 45, 55))),
+        TrackRequest(True, "b"),
+        now_ns=CLOCK + 9000 * MS,
+    )
+    assert live.expire(CLOCK + 9900 * MS) == []
+    (end,) = live.expire(CLOCK + 10_001 * MS)
+    assert end.outcome.track_id == "b" and end.outcome.track_reason.startswith("expired")
 
 
 def test_a_frame_that_times_a_track_out_publishes_it_as_ended(tracking_segmenter, scene_image) -> None:

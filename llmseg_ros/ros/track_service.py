@@ -206,8 +206,11 @@ class LiveTracks:
         self._headers: dict[str, HeaderData] = {}
         self._instructions: dict[str, str] = {}
         # The latest frame seen: (its stamp, the node's clock when it came), for timeouts
-        # while no frame comes (frame time extrapolated by the node's clock).
+        # while no frame comes (frame time extrapolated by the node's clock); per track,
+        # (start frame stamp, the node's clock at the start), so that a track started on
+        # an old frame still lives its timeout from the start.
         self._last_frame: tuple[int, int] | None = None
+        self._anchors: dict[str, tuple[int, int]] = {}
 
     def __len__(self) -> int:
         return len(self.tracks)
@@ -228,9 +231,19 @@ class LiveTracks:
             )
 
     def start(
-        self, outcome: SegmentationOutcome, request: TrackRequest, features: FrameFeatures | None = None
+        self,
+        outcome: SegmentationOutcome,
+        request: TrackRequest,
+        features: FrameFeatures | None = None,
+        *,
+        now_ns: int | None = None,
     ) -> SegmentationOutcome:
         """Start a track from a successful answer; returns the outcome with the track fields set.
+
+        Args:
+            features: the frame's prepared features, when cached (their SAM encoding is reused).
+            now_ns: the node's clock at the start; the timeout on the clock (:meth:`expire`)
+                then counts from it at the earliest. ``None``: only frame stamps count.
 
         Raises:
             RequestError: the answer is empty (nothing to track), or the track cannot
@@ -257,6 +270,8 @@ class LiveTracks:
         with self._lock:
             self._headers[started.track_id] = outcome.frame.header
             self._instructions[started.track_id] = outcome.instruction
+            if now_ns is not None:
+                self._anchors[started.track_id] = (outcome.frame.stamp_ns, now_ns)
         out = replace(outcome, track_id=started.track_id, track_state=STARTED, track_reason="")
         out.message += f"; tracking as '{started.track_id}'"
         return out
@@ -286,22 +301,27 @@ class LiveTracks:
             if self._last_frame is None or frame.stamp_ns >= self._last_frame[0]:
                 self._last_frame = (frame.stamp_ns, now_ns)
 
-    def frame_time(self, now_ns: int) -> int | None:
-        """The frame stamp a frame coming at ``now_ns`` would carry (latest stamp + clock time since)."""
+    def frame_time(self, now_ns: int, track_id: str | None = None) -> int | None:
+        """The frame stamp a frame coming at ``now_ns`` would carry: the latest frame's stamp
+        plus the clock time since it came (or, for ``track_id``, since the track started
+        when that is later); ``None`` before any frame."""
         with self._lock:
-            if self._last_frame is None:
-                return None
-            stamp, seen = self._last_frame
+            anchors = [a for a in (self._last_frame, self._anchors.get(track_id or "")) if a is not None]
+        if not anchors:
+            return None
+        stamp, seen = max(anchors, key=lambda a: a[1])
         return stamp + max(0, now_ns - seen)
 
     def expire(self, now_ns: int) -> list[TrackMessage]:
         """End the tracks without a confident update for ``timeout_s`` of frame time up to ``now_ns``
-        (the node's clock; frame time is extrapolated from the latest frame, so stamps need
-        not match the node's clock)."""
-        frame_now = self.frame_time(now_ns)
-        if frame_now is None or not len(self.tracks):
-            return []
-        return self._end_messages(self.tracks.expire(frame_now))
+        (the node's clock; frame time is extrapolated from the latest frame or the track's
+        start, so stamps need not match the node's clock)."""
+        times = {}
+        for track_id in self.tracks.ids():
+            frame_now = self.frame_time(now_ns, track_id)
+            if frame_now is not None:
+                times[track_id] = frame_now
+        return self._end_messages(self.tracks.expire_at(times)) if times else []
 
     def step(self, frame: Frame) -> list[TrackMessage]:
         """Update every live track on ``frame`` (synchronously); the messages to publish."""
@@ -371,3 +391,4 @@ class LiveTracks:
         with self._lock:
             self._headers.pop(track_id, None)
             self._instructions.pop(track_id, None)
+            self._anchors.pop(track_id, None)
