@@ -5,8 +5,9 @@ declares the parameters, converts messages with the ROS-free functions of
 :mod:`llmseg_ros.ros` and publishes what they return; all logic lives beneath it.
 
 Lifecycle: ``configure`` reads the parameters, loads every model and creates the
-subscriptions, publishers and the ``reason_segment`` and ``stop_track`` services; ``activate`` starts serving
-(reloading the models if a ``deactivate`` freed them); ``deactivate`` stops serving and
+subscriptions, publishers, the ``reason_segment`` and ``stop_track`` services and the
+track timeout timer; ``activate`` starts serving (reloading the models if a
+``deactivate`` freed them); ``deactivate`` stops serving and
 frees the models (GPU memory) once the model call in progress, if any, has finished;
 ``cleanup`` / ``shutdown`` destroy everything. ``ros2 lifecycle get`` and the parameter
 services keep answering while a transition (e.g. the model load) runs.
@@ -287,7 +288,7 @@ class PerceptionNode(LifecycleNodeMixin, Node):
                 self._tracks.tracks, on_step=self._on_track_step, on_error=self._track_step_failed
             )
         self._active.set()
-        self.get_logger().info("active: serving reason_segment")
+        self.get_logger().info("active: serving reason_segment and stop_track")
         return super().on_activate(state)
 
     @_logged("deactivate")
@@ -489,14 +490,15 @@ class PerceptionNode(LifecycleNodeMixin, Node):
         try:
             return self._answer(request)
         except Exception as exc:  # a request must never take the node down
-            self.get_logger().error(
-                f"reason_segment: unexpected {type(exc).__name__}: {exc}\n{traceback.format_exc().rstrip()}"
-            )
-            response.success = False
-            response.message = (
-                f"internal error while answering: {type(exc).__name__}: {exc}; the node keeps serving"
-            )
+            response.success, response.message = False, self._unexpected("reason_segment", "answering", exc)
             return response
+
+    def _unexpected(self, service: str, doing: str, exc: Exception) -> str:
+        """Log an unexpected exception of a service callback; the message for its response."""
+        self.get_logger().error(
+            f"{service}: unexpected {type(exc).__name__}: {exc}\n{traceback.format_exc().rstrip()}"
+        )
+        return f"internal error while {doing}: {type(exc).__name__}: {exc}; the node keeps serving"
 
     def _not_active(self) -> str:
         return f"node is not active; activate it with: ros2 lifecycle set {self.get_fully_qualified_name()} activate"
@@ -549,13 +551,7 @@ class PerceptionNode(LifecycleNodeMixin, Node):
             self._publish_tracks(stop.messages)
             response.success, response.message, response.stopped = stop.success, stop.message, stop.stopped
         except Exception as exc:  # a request must never take the node down
-            self.get_logger().error(
-                f"stop_track: unexpected {type(exc).__name__}: {exc}\n{traceback.format_exc().rstrip()}"
-            )
-            response.success = False
-            response.message = (
-                f"internal error while stopping: {type(exc).__name__}: {exc}; the node keeps serving"
-            )
+            response.success, response.message = False, self._unexpected("stop_track", "stopping", exc)
         return response
 
     def _on_track_step(self, step: TrackStep) -> None:

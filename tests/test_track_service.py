@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import yaml
 from ros_testing import empty_image_msg, image_msg
-from tracking_helpers import answer
+from tracking_helpers import answer, box_mask, frame_at
 
 from llmseg_ros.config import TrackerConfig
 from llmseg_ros.ros.frames import Frame, HeaderData
@@ -34,17 +34,6 @@ MS = 1_000_000
 # Frame stamps far from the node's clock (a recording, or a camera on another clock).
 T0 = 100 * 1_000_000_000
 CLOCK = 1_800_000_000 * 1_000_000_000
-
-
-def frame_at(image: np.ndarray, stamp_ns: int) -> Frame:
-    return Frame(header=HeaderData(stamp_ns, "camera_optical"), rgb=image)
-
-
-def box_mask(image: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
-    x0, y0, x1, y1 = box
-    mask = np.zeros(image.shape[:2], bool)
-    mask[y0:y1, x0:x1] = True
-    return mask
 
 
 def outcome_on(frame: Frame, mask: np.ndarray, instruction: str = "the red circle") -> SegmentationOutcome:
