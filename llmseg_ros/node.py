@@ -5,8 +5,9 @@ declares the parameters, converts messages with the ROS-free functions of
 :mod:`llmseg_ros.ros` and publishes what they return; all logic lives beneath it.
 
 Lifecycle: ``configure`` reads the parameters, loads every model and creates the
-subscriptions, publishers and the ``reason_segment`` service; ``activate`` starts serving
-(reloading the models if a ``deactivate`` freed them); ``deactivate`` stops serving and
+subscriptions, publishers, the ``reason_segment`` and ``stop_track`` services and the
+track timeout timer; ``activate`` starts serving (reloading the models if a
+``deactivate`` freed them); ``deactivate`` stops serving and
 frees the models (GPU memory) once the model call in progress, if any, has finished;
 ``cleanup`` / ``shutdown`` destroy everything. ``ros2 lifecycle get`` and the parameter
 services keep answering while a transition (e.g. the model load) runs.
@@ -14,6 +15,15 @@ services keep answering while a transition (e.g. the model load) runs.
 Topics (relative names; remap or namespace them): subscribes ``image`` and, with
 ``use_depth``, ``depth`` + ``camera_info``; publishes ``mask``, ``segmentation``,
 ``masked_depth``, ``masked_depth/camera_info``, ``points`` and ``overlay``.
+
+Tracks: a ``reason_segment`` request with ``track: true`` starts a live track
+(:mod:`llmseg_ros.ros.track_service`); a worker thread updates every live track on each
+new frame (the newest frame wins: one running, at most one waiting) and the node
+publishes every output topic with that frame's header, the track's id and state on
+``segmentation``. ``stop_track`` ends one or all; a timer ends the tracks that had no
+confident update for ``track_timeout`` seconds while no frame comes. Each end is logged and
+published on ``segmentation`` (``track_state: ended`` with the reason). Deactivating
+stops every track.
 
 Nothing a request or a message carries stops the node: the service and subscription
 callbacks turn any unexpected exception into a logged error (and a ``success: false``
@@ -43,10 +53,11 @@ from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPo
 from sensor_msgs.msg import CameraInfo, Image, PointCloud2, PointField
 from std_msgs.msg import Header
 
+from llmseg_ros.config import TrackerConfig
 from llmseg_ros.msg import Segmentation
 from llmseg_ros.ros.frames import FrameBuffer, frame_from_messages
 from llmseg_ros.ros.gate import GatedSegmenter, ModelGate
-from llmseg_ros.ros.handler import RequestHandler, SegmentationOutcome
+from llmseg_ros.ros.handler import RequestError, RequestHandler, SegmentationOutcome
 from llmseg_ros.ros.messages import MessageBuilder, MessageTypes, PythonArrays
 from llmseg_ros.ros.outputs import FrameOutputs, build_outputs
 from llmseg_ros.ros.params import (
@@ -59,7 +70,15 @@ from llmseg_ros.ros.params import (
     split_parameters,
 )
 from llmseg_ros.ros.precompute import BackgroundPrecomputer
-from llmseg_ros.srv import ReasonSegment
+from llmseg_ros.ros.track_service import (
+    LiveTracks,
+    ModelCall,
+    TrackMessage,
+    parse_stop_request,
+    parse_track_request,
+)
+from llmseg_ros.ros.tracks import TrackStep, TrackWorker
+from llmseg_ros.srv import ReasonSegment, StopTrack
 
 NODE_NAME = "llmseg_perception"
 # Executor threads: a request holds one while its model call runs (up to request_timeout),
@@ -166,9 +185,13 @@ class PerceptionNode(LifecycleNodeMixin, Node):
         self._buffer: FrameBuffer | None = None
         self._handler: RequestHandler | None = None
         self._precompute: BackgroundPrecomputer | None = None
+        self._tracks: LiveTracks | None = None
+        self._track_worker: TrackWorker | None = None
         self._subscriptions_: list[Any] = []
         self._sync: Any = None
         self._service: Any = None
+        self._stop_service: Any = None
+        self._track_timer: Any = None
         self._pubs: dict[str, Any] = {}
         self.get_logger().info("created; waiting for the lifecycle 'configure' transition")
 
@@ -234,6 +257,12 @@ class PerceptionNode(LifecycleNodeMixin, Node):
                 self._buffer,
                 handler_settings(config, settings, image_topic),
             )
+            self._tracks = LiveTracks(
+                self._segmenter,
+                TrackerConfig(timeout_s=settings.track_timeout),
+                max_tracks=settings.max_tracks,
+                model_call=ModelCall(self._handler.model_lock, self._gate),
+            )
         except Exception as exc:
             self.get_logger().error(f"configure failed: {type(exc).__name__}: {exc}")
             self._teardown("configure failed")
@@ -254,8 +283,12 @@ class PerceptionNode(LifecycleNodeMixin, Node):
             self._precompute = BackgroundPrecomputer(
                 self._handler.features_for, on_error=self._precompute_failed
             )
+        if self._tracks is not None:
+            self._track_worker = TrackWorker(
+                self._tracks.tracks, on_step=self._on_track_step, on_error=self._track_step_failed
+            )
         self._active.set()
-        self.get_logger().info("active: serving reason_segment")
+        self.get_logger().info("active: serving reason_segment and stop_track")
         return super().on_activate(state)
 
     @_logged("deactivate")
@@ -300,6 +333,11 @@ class PerceptionNode(LifecycleNodeMixin, Node):
         precompute, self._precompute = self._precompute, None
         if precompute is not None:
             precompute.close(timeout=5.0)
+        worker, self._track_worker = self._track_worker, None
+        if worker is not None:
+            worker.close(timeout=wait_s)
+        if self._tracks is not None and len(self._tracks):
+            self._publish_tracks(self._tracks.close(reason))
         idle = self._gate.close(reason, timeout=wait_s)
         if self._handler is not None:
             self._handler.clear()
@@ -325,10 +363,15 @@ class PerceptionNode(LifecycleNodeMixin, Node):
             self.destroy_subscription(sub)
         self._subscriptions_ = []
         self._sync = None
-        if self._service is not None:
-            self.destroy_service(self._service)
-            self._service = None
+        for service in (self._service, self._stop_service):
+            if service is not None:
+                self.destroy_service(service)
+        self._service = self._stop_service = None
+        if self._track_timer is not None:
+            self.destroy_timer(self._track_timer)
+            self._track_timer = None
         self._handler = None
+        self._tracks = None
         self._segmenter = None
 
     # -- entities ----------------------------------------------------------------------
@@ -397,8 +440,18 @@ class PerceptionNode(LifecycleNodeMixin, Node):
             ("overlay", Image, "overlay"),
         ):
             self._pubs[key] = self.create_lifecycle_publisher(msg_type, topic, qos_out)
+        services = ReentrantCallbackGroup()
         self._service = self.create_service(
-            ReasonSegment, "reason_segment", self._on_request, callback_group=ReentrantCallbackGroup()
+            ReasonSegment, "reason_segment", self._on_request, callback_group=services
+        )
+        self._stop_service = self.create_service(
+            StopTrack, "stop_track", self._on_stop_track, callback_group=services
+        )
+        # Ends the tracks that time out while no frame comes (frames end them themselves).
+        self._track_timer = self.create_timer(
+            max(0.05, min(0.5, settings.track_timeout / 5)),
+            self._expire_tracks,
+            callback_group=MutuallyExclusiveCallbackGroup(),
         )
         return str(self._subscriptions_[0].topic_name)
 
@@ -417,6 +470,7 @@ class PerceptionNode(LifecycleNodeMixin, Node):
 
     def _add_frame(self, image: Image, depth: Image | None, camera_info: CameraInfo | None) -> None:
         buffer, precompute = self._buffer, self._precompute
+        tracks, worker = self._tracks, self._track_worker
         if not self._active.is_set() or buffer is None:
             return
         try:
@@ -427,29 +481,47 @@ class PerceptionNode(LifecycleNodeMixin, Node):
         buffer.add(frame)
         if precompute is not None:
             precompute.submit(frame)
+        if tracks is not None:
+            tracks.observe(frame, self.get_clock().now().nanoseconds)
+            if worker is not None:
+                worker.submit(frame)  # never waits: a newer frame replaces the waiting one
 
     def _on_request(self, request: ReasonSegment.Request, response: ReasonSegment.Response) -> Any:
         try:
             return self._answer(request)
         except Exception as exc:  # a request must never take the node down
-            self.get_logger().error(
-                f"reason_segment: unexpected {type(exc).__name__}: {exc}\n{traceback.format_exc().rstrip()}"
-            )
-            response.success = False
-            response.message = (
-                f"internal error while answering: {type(exc).__name__}: {exc}; the node keeps serving"
-            )
+            response.success, response.message = False, self._unexpected("reason_segment", "answering", exc)
             return response
 
+    def _unexpected(self, service: str, doing: str, exc: Exception) -> str:
+        """Log an unexpected exception of a service callback; the message for its response."""
+        self.get_logger().error(
+            f"{service}: unexpected {type(exc).__name__}: {exc}\n{traceback.format_exc().rstrip()}"
+        )
+        return f"internal error while {doing}: {type(exc).__name__}: {exc}; the node keeps serving"
+
+    def _not_active(self) -> str:
+        return f"node is not active; activate it with: ros2 lifecycle set {self.get_fully_qualified_name()} activate"
+
     def _answer(self, request: ReasonSegment.Request) -> Any:
-        handler = self._handler
-        if not self._active.is_set() or handler is None:
-            outcome = SegmentationOutcome(
-                False,
-                f"node is not active; activate it with: ros2 lifecycle set {self.get_fully_qualified_name()} activate",
-            )
-            return self._builder.response(outcome, None, None)
+        handler, tracks = self._handler, self._tracks
+        if not self._active.is_set() or handler is None or tracks is None:
+            return self._builder.response(SegmentationOutcome(False, self._not_active()), None, None)
+        try:
+            track = parse_track_request(request)
+            if track.track:
+                tracks.check_start(track)
+        except RequestError as exc:
+            self.get_logger().info(f"request failed: {exc}")
+            return self._builder.response(SegmentationOutcome(False, str(exc)), None, None)
         outcome = handler.handle(request)
+        if outcome.success and track.track and outcome.frame is not None:
+            features = handler.features_for(outcome.frame)[0] if handler.has_features(outcome.frame) else None
+            try:
+                outcome = tracks.start(outcome, track, features, now_ns=self.get_clock().now().nanoseconds)
+            except RequestError as exc:
+                outcome.success = False
+                outcome.message = f"{exc} (the answer was: {outcome.message})"
         outputs: FrameOutputs | None = None
         if outcome.success:
             try:
@@ -464,6 +536,61 @@ class PerceptionNode(LifecycleNodeMixin, Node):
             self.get_logger().info(f"request failed: {outcome.message}")
         overlay = outputs.overlay if outputs is not None and outcome.overlay is not None else None
         return self._builder.response(outcome, outputs.mask if outputs is not None else None, overlay)
+
+    def _on_stop_track(self, request: StopTrack.Request, response: StopTrack.Response) -> Any:
+        try:
+            tracks = self._tracks
+            if not self._active.is_set() or tracks is None:
+                response.success, response.message = False, self._not_active()
+                return response
+            try:
+                stop = tracks.stop(parse_stop_request(request))
+            except RequestError as exc:
+                response.success, response.message = False, str(exc)
+                return response
+            self._publish_tracks(stop.messages)
+            response.success, response.message, response.stopped = stop.success, stop.message, stop.stopped
+        except Exception as exc:  # a request must never take the node down
+            response.success, response.message = False, self._unexpected("stop_track", "stopping", exc)
+        return response
+
+    def _on_track_step(self, step: TrackStep) -> None:
+        tracks = self._tracks
+        if tracks is not None:
+            self._publish_tracks(tracks.messages(step))
+
+    def _expire_tracks(self) -> None:
+        tracks = self._tracks
+        if tracks is None or not len(tracks):
+            return
+        try:
+            self._publish_tracks(tracks.expire(self.get_clock().now().nanoseconds))
+        except Exception as exc:  # a timer must never take the node down
+            self.get_logger().error(
+                f"track timeout check failed: {type(exc).__name__}: {exc}", throttle_duration_sec=5.0
+            )
+
+    def _publish_tracks(self, messages: list[TrackMessage]) -> None:
+        """Publish each track's frame answer (every topic) or end (``segmentation``); log the ends."""
+        for m in messages:
+            if m.ended:
+                self.get_logger().info(m.log_line())
+            try:
+                if m.has_frame:
+                    self._publish(m.outcome, build_outputs(m.outcome, overlay=self._settings.publish_overlay))
+                else:
+                    self._pubs["segmentation"].publish(self._builder.segmentation(m.outcome, None, m.header))
+            except Exception as exc:  # publishing must never take the node down
+                self.get_logger().error(
+                    f"could not publish track {m.outcome.track_id}: {type(exc).__name__}: {exc}",
+                    throttle_duration_sec=5.0,
+                )
+
+    def _track_step_failed(self, frame: Any, exc: BaseException) -> None:
+        self.get_logger().warning(
+            f"tracking failed on frame {frame.stamp_ns}: {type(exc).__name__}: {exc}",
+            throttle_duration_sec=5.0,
+        )
 
     def _publish(self, outcome: SegmentationOutcome, outputs: FrameOutputs) -> None:
         b = self._builder

@@ -24,16 +24,17 @@ REPO = Path(__file__).resolve().parents[1]
 
 @lru_cache(maxsize=1)
 def typestore() -> Any:
-    """Humble typestore + our msg/Segmentation.msg and srv/ReasonSegment.srv (from the repository files)."""
+    """Humble typestore + our msg/Segmentation.msg and srv/*.srv (from the repository files)."""
     from rosbags.typesys import Stores, get_types_from_msg, get_typestore
 
     store = get_typestore(Stores.ROS2_HUMBLE)
     store.register(
         get_types_from_msg((REPO / "msg" / "Segmentation.msg").read_text(), "llmseg_ros/msg/Segmentation")
     )
-    request, response = (REPO / "srv" / "ReasonSegment.srv").read_text().split("\n---\n")
-    store.register(get_types_from_msg(request, "llmseg_ros/srv/ReasonSegment_Request"))
-    store.register(get_types_from_msg(response, "llmseg_ros/srv/ReasonSegment_Response"))
+    for service in ("ReasonSegment", "StopTrack"):
+        request, response = (REPO / "srv" / f"{service}.srv").read_text().split("\n---\n")
+        store.register(get_types_from_msg(request, f"llmseg_ros/srv/{service}_Request"))
+        store.register(get_types_from_msg(response, f"llmseg_ros/srv/{service}_Response"))
     return store
 
 
@@ -127,6 +128,8 @@ def request_msg(instruction: str, **fields: Any) -> Any:
         "return_overlay": False,
         "explain": False,
         "conversation_id": "",
+        "track": False,
+        "track_id": "",
     }
     if "stamp_ns" in fields:
         stamp_ns = fields.pop("stamp_ns")

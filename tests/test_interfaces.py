@@ -30,6 +30,8 @@ REQUEST_FIELDS = [
     "return_overlay",
     "explain",
     "conversation_id",
+    "track",
+    "track_id",
 ]
 RESPONSE_FIELDS = [
     "success",
@@ -46,9 +48,20 @@ RESPONSE_FIELDS = [
     "stage_names",
     "stage_seconds",
     "overlay",
+    "track_id",
 ]
-SEGMENTATION_FIELDS = ["header", "instruction", "conversation_id", *RESPONSE_FIELDS[2:13]]
+SEGMENTATION_FIELDS = [
+    "header",
+    "instruction",
+    "conversation_id",
+    *RESPONSE_FIELDS[2:13],
+    "track_id",
+    "track_state",
+    "track_reason",
+]
 SEGMENTATION_FIELDS.remove("frame_stamp")
+STOP_TRACK_REQUEST_FIELDS = ["track_id", "all"]
+STOP_TRACK_RESPONSE_FIELDS = ["success", "message", "stopped"]
 
 # Parses every IDL file given on the command line with rosidl_parser; prints
 # {file: {struct: [[member, type, annotations]]}} as JSON.
@@ -82,7 +95,7 @@ def rosidl() -> str:
 
 def test_rosidl_translates_every_interface_and_rosidl_parser_reads_it(tmp_path: Path) -> None:
     exe = rosidl()
-    assert INTERFACES == ["msg/Segmentation.msg", "srv/ReasonSegment.srv"]
+    assert INTERFACES == ["msg/Segmentation.msg", "srv/ReasonSegment.srv", "srv/StopTrack.srv"]
     run = subprocess.run(
         [
             exe,
@@ -112,6 +125,8 @@ def test_rosidl_translates_every_interface_and_rosidl_parser_reads_it(tmp_path: 
     assert [m[0] for m in structs["ReasonSegment_Request"]] == REQUEST_FIELDS
     assert [m[0] for m in structs["ReasonSegment_Response"]] == RESPONSE_FIELDS
     assert [m[0] for m in structs["Segmentation"]] == SEGMENTATION_FIELDS
+    assert [m[0] for m in structs["StopTrack_Request"]] == STOP_TRACK_REQUEST_FIELDS
+    assert [m[0] for m in structs["StopTrack_Response"]] == STOP_TRACK_RESPONSE_FIELDS
     threshold = next(m for m in structs["ReasonSegment_Request"] if m[0] == "iop_threshold")
     assert ["default", "{'value': -1.0}"] in threshold[2]  # "unset" must not read as a threshold of 0
     for name, members in structs.items():  # every field is documented
@@ -123,6 +138,8 @@ def test_rosbags_reads_the_same_definitions_the_code_builds() -> None:
     assert list(msg_type("ReasonSegment_Request").__dataclass_fields__)[:-1] == REQUEST_FIELDS
     assert list(msg_type("ReasonSegment_Response").__dataclass_fields__)[:-1] == RESPONSE_FIELDS
     assert list(msg_type(SEGMENTATION_MSGTYPE).__dataclass_fields__)[:-1] == SEGMENTATION_FIELDS
+    assert list(msg_type("StopTrack_Request").__dataclass_fields__)[:-1] == STOP_TRACK_REQUEST_FIELDS
+    assert list(msg_type("StopTrack_Response").__dataclass_fields__)[:-1] == STOP_TRACK_RESPONSE_FIELDS
 
 
 def test_embedded_segmentation_definition_matches_msg_file() -> None:

@@ -8,24 +8,12 @@ import threading
 
 import numpy as np
 import pytest
-from tracking_helpers import answer
+from tracking_helpers import answer, box_mask, frame_at
 
 from llmseg_ros.config import TrackerConfig
-from llmseg_ros.ros.frames import Frame, HeaderData
 from llmseg_ros.ros.tracks import TrackSet, TrackStep, TrackWorker
 
 MS = 1_000_000
-
-
-def frame_at(image: np.ndarray, stamp_ns: int) -> Frame:
-    return Frame(header=HeaderData(stamp_ns, "camera_optical"), rgb=image)
-
-
-def box_mask(image: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
-    x0, y0, x1, y1 = box
-    mask = np.zeros(image.shape[:2], bool)
-    mask[y0:y1, x0:x1] = True
-    return mask
 
 
 class CountingLock:

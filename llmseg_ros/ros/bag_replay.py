@@ -12,6 +12,11 @@ unchanged plus the node's output topics for each answered frame:
     <ns>/masked_depth/camera_info   sensor_msgs/CameraInfo (the matched input message)
     <ns>/points                     sensor_msgs/PointCloud2 XYZ float32 (depth header)
 
+Tracks (``track: true`` in the schedule): from the frame a track starts on, every later
+colour frame is answered for each live track (the node's :mod:`~llmseg_ros.ros.track_service`,
+run synchronously: no frame is dropped), written with the same topics and the track's id and
+state on ``segmentation``; its end is written on ``segmentation`` too.
+
 Output messages carry the input frame's headers and the colour message's log time. The
 bag is written into a staging folder next to the destination and renamed into place when
 complete; a malformed input bag is refused with a ``ValueError`` naming it (see
@@ -28,6 +33,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Final, Literal
 
+from llmseg_ros.config import TrackerConfig
 from llmseg_ros.ros.bag_files import (
     STORAGES,
     OutputStaging,
@@ -38,10 +44,17 @@ from llmseg_ros.ros.bag_files import (
     read_messages,
 )
 from llmseg_ros.ros.frames import NS_PER_S, FrameBuffer, format_stamp, frame_from_messages, stamp_to_ns
-from llmseg_ros.ros.handler import HandlerSettings, RequestHandler, Segmenter
+from llmseg_ros.ros.handler import (
+    HandlerSettings,
+    RequestError,
+    RequestHandler,
+    SegmentationOutcome,
+    Segmenter,
+)
 from llmseg_ros.ros.messages import MessageBuilder, MessageTypes, NumpyArrays
 from llmseg_ros.ros.outputs import build_outputs
 from llmseg_ros.ros.schedule import ReplaySchedule, TimedInstruction, finite_seconds
+from llmseg_ros.ros.track_service import LiveTracks, TrackMessage, TrackRequest
 
 # Field lines of msg/Segmentation.msg without comments (a test checks they match the file),
 # so that replay works from a pip install, where msg/ is not shipped.
@@ -60,6 +73,9 @@ string method
 string answer
 string[] stage_names
 float64[] stage_seconds
+string track_id
+string track_state
+string track_reason
 """
 IMAGE = "sensor_msgs/msg/Image"
 CAMERA_INFO = "sensor_msgs/msg/CameraInfo"
@@ -92,7 +108,8 @@ class ReplaySummary:
         output: the new bag.
         storage: its storage plugin.
         counts: messages written per output topic.
-        messages: failure reasons and warnings.
+        messages: failure reasons, warnings and track ends.
+        tracked: frames answered by a live track (each track counts once per frame).
     """
 
     frames: int
@@ -103,6 +120,7 @@ class ReplaySummary:
     storage: str
     counts: dict[str, int] = field(default_factory=dict)
     messages: list[str] = field(default_factory=list)
+    tracked: int = 0
 
 
 def output_topics(namespace: str) -> dict[str, str]:
@@ -275,6 +293,17 @@ class _Replay:
                 image_topic=self.topics.image,
             ),
         )
+        self.live: LiveTracks | None = None
+        if schedule.track or any(entry.track for entry in schedule.at):
+            if not callable(getattr(segmenter, "track", None)):
+                raise ValueError(
+                    f"the segmenter ({type(segmenter).__name__}) cannot track; remove track: true"
+                )
+            self.live = LiveTracks(
+                segmenter,  # type: ignore[arg-type]  # checked above: it has track()
+                TrackerConfig(timeout_s=schedule.track_timeout_s),
+                max_tracks=max(1, len(schedule.at) + 1),
+            )
         self._scan()
 
     def _connections(self, topic: str | None, msgtype: str) -> list[Any]:
@@ -306,13 +335,17 @@ class _Replay:
         self.colour_stamps = stamps["c"]
         self.frames = len(self.colour_stamps)
         self.plan, self.unmatched = self.schedule.plan(self.colour_stamps)
+        self.track_starts = self.schedule.track_plan(self.colour_stamps)
+        # frames to decode and answer: the scheduled ones, and every frame from the first track on
+        first_track = min(self.track_starts, default=self.frames)
+        self.needed = set(self.plan) | set(range(first_track, self.frames))
         slop_ns = round(self.slop_s * NS_PER_S)
         depth, info = sorted(stamps["d"]), sorted(stamps["i"])
         # frame index → (depth stamp, info stamp); None when the frame has no partners.
         self.partners: dict[int, tuple[int, int] | None] = {}
         # partner stamp → how many scheduled frames still need it (held until then).
         self.wanted: dict[str, dict[int, int]] = {"d": {}, "i": {}}
-        for index in self.plan:
+        for index in sorted(self.needed):
             d = _nearest(depth, self.colour_stamps[index], slop_ns) if self.depth_conns else None
             i = _nearest(info, self.colour_stamps[index], slop_ns) if self.info_conns else None
             self.partners[index] = (d, i) if d is not None and i is not None else None
@@ -336,7 +369,7 @@ class _Replay:
         plugin = StoragePlugin.MCAP if storage == "mcap" else StoragePlugin.SQLITE3
         with (
             Writer(bag, version=BAG_VERSION, storage_plugin=plugin) as writer,
-            tqdm(total=len(self.plan), unit="frame", desc="replay-bag", disable=not progress) as bar,
+            tqdm(total=len(self.needed), unit="frame", desc="replay-bag", disable=not progress) as bar,
         ):
             copies = {c.id: _copy_connection(writer, c, self.typestore) for c in self.reader.connections}
             out = _OutputWriter(writer, self.typestore, self.out_topics, summary)
@@ -350,7 +383,7 @@ class _Replay:
                         held[kind][stamp] = msg
                 elif kind == "c":
                     colour_index += 1
-                    if colour_index in self.plan:
+                    if colour_index in self.needed:
                         pending.append((colour_index, self._decode(conn, raw, log_ns), log_ns))
                 still = []
                 for index, colour, colour_log_ns in pending:
@@ -398,6 +431,11 @@ class _Replay:
             summary.messages.append(f"{where}: {exc}")
             return
         self.buffer.add(frame)
+        if self.live is not None and len(self.live):
+            for message in self.live.step(frame):
+                self._write_track(message, where, log_ns, out, summary, overlay)
+        if index not in self.plan:
+            return
         request = SimpleNamespace(
             instruction=self.plan[index],
             image=None,
@@ -409,10 +447,46 @@ class _Replay:
             conversation_id="",
         )
         outcome = self.handler.handle(request)
+        if outcome.success and self.live is not None and index in self.track_starts:
+            try:
+                outcome = self.live.start(outcome, TrackRequest(True, self.track_starts[index]))
+            except RequestError as exc:
+                outcome.success, outcome.message = False, f"{exc} (the answer was: {outcome.message})"
         if not outcome.success:
             summary.failed += 1
             summary.messages.append(f"{where}: {outcome.message}")
             return
+        self._write(outcome, where, log_ns, out, summary, overlay)
+        summary.processed += 1
+
+    def _write_track(
+        self,
+        message: TrackMessage,
+        where: str,
+        log_ns: int,
+        out: _OutputWriter,
+        summary: ReplaySummary,
+        overlay: bool,
+    ) -> None:
+        if message.ended:
+            summary.messages.append(f"{where}: {message.log_line()}")
+        if message.has_frame:
+            self._write(message.outcome, where, log_ns, out, summary, overlay)
+            summary.tracked += 1
+        else:
+            segmentation = self.builder.segmentation(message.outcome, None, message.header)
+            out.write("segmentation", SEGMENTATION_MSGTYPE, segmentation, log_ns)
+
+    def _write(
+        self,
+        outcome: SegmentationOutcome,
+        where: str,
+        log_ns: int,
+        out: _OutputWriter,
+        summary: ReplaySummary,
+        overlay: bool,
+    ) -> None:
+        """Write one answer's messages (every output topic the frame allows)."""
         outputs = build_outputs(outcome, overlay=overlay)
         b = self.builder
         out.write("mask", IMAGE, b.image(outputs.mask, outputs.header), log_ns)
@@ -425,7 +499,6 @@ class _Replay:
             if outputs.cloud is not None:
                 out.write("points", POINT_CLOUD, b.point_cloud(outputs.cloud, outputs.depth_header), log_ns)
         summary.messages.extend(f"{where}: {warning}" for warning in outputs.warnings)
-        summary.processed += 1
 
 
 class _OutputWriter:

@@ -127,6 +127,10 @@ class SegmentationOutcome:
         overlay: (H, W, 3) uint8 BGR debug overlay when the request asked for one.
         timings: seconds per stage (frame preparation when done for this request, the
             segmenter's stages, ``queue_wait`` for the model, ``request_total``).
+        track_id: the track this answer belongs to ("" = a one-shot answer).
+        track_state: ``started`` / ``tracking`` / ``lost`` / ``ended`` ("" = one-shot);
+            see :mod:`llmseg_ros.ros.track_service`.
+        track_reason: why the target is lost or the track ended, else "".
     """
 
     success: bool
@@ -137,6 +141,9 @@ class SegmentationOutcome:
     result: SegmentResult | None = None
     overlay: np.ndarray | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    track_id: str = ""
+    track_state: str = ""
+    track_reason: str = ""
 
     @property
     def frame_stamp_ns(self) -> int:
@@ -303,6 +310,11 @@ class RequestHandler:
         self._conversations: OrderedDict[str, tuple[int, tuple[int, str, str]]] = OrderedDict()
         self._conv_lock = threading.Lock()
         buffer.add_listener(self._frame_left)
+
+    @property
+    def model_lock(self) -> threading.Lock:
+        """The lock held around every model call (share it with other model users, e.g. tracks)."""
+        return self._model_lock
 
     # -- per frame ---------------------------------------------------------------------
     def features_for(self, frame: Frame) -> tuple[FrameFeatures, bool]:

@@ -152,16 +152,27 @@ class MessageBuilder:
             "stage_seconds": self.arrays.float64([float(v) for v in outcome.timings.values()]),
         }
 
-    def segmentation(self, outcome: SegmentationOutcome, mask: ImageData) -> Any:
-        """The ``llmseg_ros/msg/Segmentation`` of a successful outcome."""
-        if outcome.frame is None:
-            raise ValueError("a Segmentation message needs the outcome's frame")
-        header = outcome.frame.header
+    def segmentation(
+        self, outcome: SegmentationOutcome, mask: ImageData | None, header: HeaderData | None = None
+    ) -> Any:
+        """The ``llmseg_ros/msg/Segmentation`` of a successful outcome.
+
+        Args:
+            mask: the mono8 mask, or ``None`` for an empty image (a track's end without a frame).
+            header: the colour header; ``None`` = the outcome frame's.
+        """
+        if header is None:
+            if outcome.frame is None:
+                raise ValueError("a Segmentation message needs the outcome's frame or a header")
+            header = outcome.frame.header
         return self.types.segmentation(
             header=self.header(header),
             instruction=outcome.instruction,
             conversation_id=outcome.conversation_id,
             mask=self.image(mask, header),
+            track_id=outcome.track_id,
+            track_state=outcome.track_state,
+            track_reason=outcome.track_reason,
             **self._result_fields(outcome),
         )
 
@@ -178,5 +189,6 @@ class MessageBuilder:
             mask=self.image(mask, header),
             frame_stamp=self.time(outcome.frame_stamp_ns),
             overlay=self.image(overlay, header if overlay is not None else None),
+            track_id=outcome.track_id,
             **self._result_fields(outcome),
         )

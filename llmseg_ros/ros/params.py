@@ -63,6 +63,8 @@ class NodeSettings:
         camera_info_reliability, camera_info_history_depth: the same for ``camera_info``.
         sync_slop: seconds of stamp difference the colour/depth/info sync accepts.
         sync_queue_size: messages per topic the sync keeps while matching.
+        track_timeout: seconds (of frame time) a track lives without a confident update.
+        max_tracks: tracks alive at once.
     """
 
     profile: str = ""
@@ -80,6 +82,8 @@ class NodeSettings:
     camera_info_history_depth: int = 5
     sync_slop: float = 0.05
     sync_queue_size: int = 10
+    track_timeout: float = 5.0
+    max_tracks: int = 4
 
     def __post_init__(self) -> None:
         if self.profile not in PROFILES:
@@ -90,11 +94,21 @@ class NodeSettings:
                 raise ValueError(
                     f"{NODE_PARAMETERS[f'{name}_reliability']} must be one of {list(QOS_RELIABILITY)}, got {value!r}"
                 )
-        counts = ("frame_buffer_size", "sync_queue_size", *(f"{name}_history_depth" for name in INPUTS))
+        counts = (
+            "frame_buffer_size",
+            "sync_queue_size",
+            "max_tracks",
+            *(f"{name}_history_depth" for name in INPUTS),
+        )
         for name in counts:
             if getattr(self, name) < 1:
                 raise ValueError(f"{NODE_PARAMETERS[name]} must be >= 1, got {getattr(self, name)}")
-        for name, low in (("stamp_tolerance", ">= 0"), ("request_timeout", "> 0"), ("sync_slop", "> 0")):
+        for name, low in (
+            ("stamp_tolerance", ">= 0"),
+            ("request_timeout", "> 0"),
+            ("sync_slop", "> 0"),
+            ("track_timeout", "> 0"),
+        ):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0 or (low == "> 0" and value == 0):
                 raise ValueError(
@@ -121,6 +135,8 @@ NODE_PARAMETERS = {
     **{f"{name}_history_depth": f"qos.{name}.history_depth" for name in INPUTS},
     "sync_slop": "sync.slop",
     "sync_queue_size": "sync.queue_size",
+    "track_timeout": "track_timeout",
+    "max_tracks": "max_tracks",
 }
 
 DESCRIPTIONS: dict[str, str] = {
@@ -140,6 +156,8 @@ DESCRIPTIONS: dict[str, str] = {
     "qos.camera_info.history_depth": "camera_info subscription history depth (keep last N)",
     "sync.slop": "seconds of stamp difference accepted when matching image, depth and camera_info",
     "sync.queue_size": "messages per topic kept by the approximate time synchroniser",
+    "track_timeout": "seconds (of frame time) a track started with track: true lives without a confident update; then it ends and segmentation says why",
+    "max_tracks": "tracks alive at once (reason_segment with track: true beyond it fails)",
     # segmenter
     "method": "segmentation method: llmseg, lisa, grounded, vlm_grounding, vlm_marks",
     "device": "cpu, cuda, cuda:N or auto (CUDA when available)",

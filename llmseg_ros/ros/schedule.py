@@ -12,9 +12,16 @@ The instructions file (YAML or JSON)::
     tolerance: 0.02                # seconds between an `at` stamp and its nearest frame
     selection: {strategy: iop_threshold, iop_threshold: 0.5}   # optional override
     explain: false                 # optional: also generate the VLM's answer
+    track: false                   # optional: ask `instruction` on the first frame only and
+                                   #   track its answer on every later frame
+    track_timeout: 5.0             # optional: seconds (of frame time) a track lives without a
+                                   #   confident update
 
 An ``at`` entry applies to the colour frame whose header stamp is nearest, within the
-tolerance, and wins over ``instruction`` on that frame.
+tolerance, and wins over ``instruction`` on that frame. An ``at`` entry with
+``track: true`` (and optionally ``track_id: name``; default ``at<index>``) starts a track
+on its frame, answered on every later frame like the node's ``track: true`` requests (the
+top-level ``track`` uses the id ``instruction``).
 """
 
 from __future__ import annotations
@@ -31,10 +38,17 @@ from llmseg_ros.utils.configfile import load_config_file
 
 @dataclass
 class TimedInstruction:
-    """An instruction for the colour frame whose header stamp is nearest to ``stamp_ns``."""
+    """An instruction for the colour frame whose header stamp is nearest to ``stamp_ns``.
+
+    Attributes:
+        track: start a track from the answer (followed on every later frame).
+        track_id: the track's id (``None`` = ``at<index>``).
+    """
 
     stamp_ns: int
     instruction: str
+    track: bool = False
+    track_id: str | None = None
 
 
 @dataclass
@@ -50,6 +64,8 @@ class ReplaySchedule:
         selection_strategy: strategy override ("" = the config's).
         iop_threshold: threshold override (negative = the config's).
         explain: also generate the VLM's text answer.
+        track: ask ``instruction`` on the first frame only and track its answer.
+        track_timeout_s: seconds of frame time a track lives without a confident update.
     """
 
     instruction: str | None = None
@@ -59,8 +75,11 @@ class ReplaySchedule:
     selection_strategy: str = ""
     iop_threshold: float = -1.0
     explain: bool = False
+    track: bool = False
+    track_timeout_s: float = 5.0
 
-    KEYS = ("instruction", "every_n", "at", "tolerance", "selection", "explain")
+    KEYS = ("instruction", "every_n", "at", "tolerance", "selection", "explain", "track", "track_timeout")
+    TOP_TRACK_ID = "instruction"
 
     def __post_init__(self) -> None:
         if self.instruction is not None and (
@@ -83,6 +102,17 @@ class ReplaySchedule:
             raise ValueError(
                 f"selection.strategy must be one of {list(SELECTION_STRATEGIES)}, got {self.selection_strategy!r}"
             )
+        if self.track and (self.instruction is None or self.every_n != 1):
+            raise ValueError(
+                "track: true needs `instruction` (asked on the first frame, then tracked) and no every_n"
+            )
+        finite_seconds(self.track_timeout_s, "track_timeout", positive=True)
+        ids = [self.track_ids_of(i, e) for i, e in enumerate(self.at) if e.track]
+        if self.track:
+            ids.append(self.TOP_TRACK_ID)
+        duplicated = sorted({i for i in ids if ids.count(i) > 1})
+        if duplicated:
+            raise ValueError(f"track ids must be unique, got {duplicated} more than once")
         if not math.isfinite(self.iop_threshold) or self.iop_threshold > 1.0:
             raise ValueError(
                 f"selection.iop_threshold must be a number in [0, 1] (or absent), got {self.iop_threshold}"
@@ -119,9 +149,12 @@ class ReplaySchedule:
             or ("iop_threshold" in selection and not 0.0 <= threshold <= 1.0)
         ):
             raise ValueError(f"selection.iop_threshold must be a number in [0, 1], got {threshold!r}")
-        explain = data.get("explain", False)
-        if not isinstance(explain, bool):
-            raise ValueError(f"explain must be true or false, got {explain!r}")
+        explain, track = data.get("explain", False), data.get("track", False)
+        for name, flag in (("explain", explain), ("track", track)):
+            if not isinstance(flag, bool):
+                raise ValueError(f"{name} must be true or false, got {flag!r}")
+        if track and "every_n" in data:
+            raise ValueError("track: true asks `instruction` on the first frame only; remove every_n")
         return cls(
             instruction=data.get("instruction"),
             every_n=data.get("every_n", 1),
@@ -130,7 +163,14 @@ class ReplaySchedule:
             selection_strategy=strategy,
             iop_threshold=float(threshold),
             explain=explain,
+            track=track,
+            track_timeout_s=finite_seconds(data.get("track_timeout", 5.0), "track_timeout", positive=True),
         )
+
+    @staticmethod
+    def track_ids_of(index: int, entry: TimedInstruction) -> str:
+        """The track id of ``at[index]`` (its ``track_id``, else ``at<index>``)."""
+        return entry.track_id or f"at{index}"
 
     @classmethod
     def from_file(cls, path: str | Path) -> ReplaySchedule:
@@ -145,7 +185,7 @@ class ReplaySchedule:
         """
         plan: dict[int, str] = {}
         if self.instruction is not None:
-            for i in range(0, len(stamps), self.every_n):
+            for i in range(0, min(len(stamps), 1) if self.track else len(stamps), self.every_n):
                 plan[i] = self.instruction.strip()
         order = sorted(range(len(stamps)), key=lambda i: stamps[i])
         sorted_stamps = [stamps[i] for i in order]
@@ -157,6 +197,24 @@ class ReplaySchedule:
                 continue
             plan[order[best]] = entry.instruction.strip()
         return plan, unmatched
+
+    def track_plan(self, stamps: list[int]) -> dict[int, str]:
+        """Frame index → id of the track that starts there (the frame's instruction answered first)."""
+        starts: dict[int, str] = {}
+        if self.track and stamps:
+            starts[0] = self.TOP_TRACK_ID
+        order = sorted(range(len(stamps)), key=lambda i: stamps[i])
+        sorted_stamps = [stamps[i] for i in order]
+        for index, entry in enumerate(self.at):
+            best = nearest_index(sorted_stamps, entry.stamp_ns)
+            if best is None or abs(sorted_stamps[best] - entry.stamp_ns) > self.tolerance_ns:
+                continue
+            frame = order[best]
+            if entry.track:
+                starts[frame] = self.track_ids_of(index, entry)
+            else:
+                starts.pop(frame, None)  # a later plain entry on the same frame wins, as in plan()
+        return starts
 
 
 def finite_seconds(value: Any, name: str, *, positive: bool = False) -> float:
@@ -171,19 +229,34 @@ def finite_seconds(value: Any, name: str, *, positive: bool = False) -> float:
 
 def _timed_instruction(index: int, entry: Any) -> TimedInstruction:
     where = f"at[{index}]"
-    if not isinstance(entry, dict) or set(entry) - {"stamp", "stamp_ns", "instruction"}:
-        raise ValueError(f"{where} must be a mapping with stamp (or stamp_ns) and instruction, got {entry!r}")
+    if not isinstance(entry, dict) or set(entry) - {"stamp", "stamp_ns", "instruction", "track", "track_id"}:
+        raise ValueError(
+            f"{where} must be a mapping with stamp (or stamp_ns) and instruction (and optionally track, "
+            f"track_id), got {entry!r}"
+        )
     instruction = entry.get("instruction")
     if not isinstance(instruction, str) or not instruction.strip():
         raise ValueError(f"{where}.instruction must be a non-empty string, got {instruction!r}")
+    track, track_id = entry.get("track", False), entry.get("track_id")
+    if not isinstance(track, bool):
+        raise ValueError(f"{where}.track must be true or false, got {track!r}")
+    if track_id is not None and (
+        not track
+        or not isinstance(track_id, str)
+        or not track_id.strip()
+        or any(c.isspace() for c in track_id)
+    ):
+        raise ValueError(
+            f"{where}.track_id must be a name without whitespace, with track: true; got {track_id!r}"
+        )
     if ("stamp" in entry) == ("stamp_ns" in entry):
         raise ValueError(f"{where} needs exactly one of stamp (seconds) or stamp_ns (integer nanoseconds)")
     if "stamp_ns" in entry:
         value = entry["stamp_ns"]
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"{where}.stamp_ns must be a non-negative integer, got {value!r}")
-        return TimedInstruction(value, instruction)
-    return TimedInstruction(_seconds_to_ns(where, entry["stamp"]), instruction)
+        return TimedInstruction(value, instruction, track, track_id)
+    return TimedInstruction(_seconds_to_ns(where, entry["stamp"]), instruction, track, track_id)
 
 
 def _seconds_to_ns(where: str, value: Any) -> int:

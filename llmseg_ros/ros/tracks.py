@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -186,11 +186,15 @@ class TrackSet:
     def expire(self, now_ns: int) -> list[TrackEnd]:
         """End the tracks without a confident frame for their ``timeout_s`` up to ``now_ns``
         (the node's clock, when frames stop coming)."""
+        return self.expire_at({track_id: now_ns for track_id in self.ids()})
+
+    def expire_at(self, times: Mapping[str, int]) -> list[TrackEnd]:
+        """Like :meth:`expire` with a time per track (track id → now in ns; others are left alone)."""
         with self._lock:
-            trackers = list(self._tracks.items())
+            trackers = [(i, t) for i, t in self._tracks.items() if i in times]
         ended: list[TrackEnd] = []
         for track_id, tracker in trackers:
-            if tracker.check_timeout(now_ns):
+            if tracker.check_timeout(times[track_id]):
                 ended.append(self._remove(track_id, tracker, tracker.status().ended or "expired"))
         return ended
 
@@ -207,6 +211,8 @@ class TrackSet:
         for track_id, tracker in trackers:
             if not tracker.alive:
                 continue  # stopped since the snapshot
+            if tracker.status().last_stamp_ns >= frame.stamp_ns:
+                continue  # not newer than the track's latest frame (e.g. it started on a newer one)
             try:
                 with self._model_lock:
                     result = tracker.update(shared, stamp_ns=frame.stamp_ns)

@@ -32,8 +32,10 @@ collect_ignore = ["test_perception_launch.py"]
 
 
 def ros_domain_id() -> int:
-    """A ROS domain for this test session: 50-99 from the pid (0-101 are safe on Linux)."""
-    return 50 + os.getpid() % 50
+    """A ROS domain for this test session: ``LLMSEG_ROS_TEST_DOMAIN_ID`` when set, else 50-99
+    from the pid (0-101 are safe on Linux)."""
+    given = os.environ.get("LLMSEG_ROS_TEST_DOMAIN_ID")
+    return int(given) if given else 50 + os.getpid() % 50
 
 
 def _python_path() -> str:

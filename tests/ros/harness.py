@@ -256,9 +256,16 @@ class Peer:
         ]
         return matched
 
-    def call(self, service: str, timeout: float = 120.0, **request: Any) -> dict[str, Any]:
+    def call(
+        self, service: str, timeout: float = 120.0, service_type: str = "ReasonSegment", **request: Any
+    ) -> dict[str, Any]:
         answer: dict[str, Any] = self(
-            "call", timeout=timeout + 10, service=service, request=request, timeout_s=timeout
+            "call",
+            timeout=timeout + 10,
+            service=service,
+            type=service_type,
+            request=request,
+            timeout_s=timeout,
         )
         assert answer.get("answered", True), f"{service} gave no answer within {timeout:g} s"
         return answer

@@ -9,7 +9,8 @@ answers each with one JSON line on stdout (``{"ok": ...}`` or ``{"error": ...}``
         -> {"matched": {"image": 1, ...}}   publishers created once per topic and QoS
     {"op": "listen", "topics": {"mask": ["Image", "/mask"], ...}}   reliable subscribers
     {"op": "received", "keys": ["mask"], "timeout_s": 10}  -> {"mask": [summary, ...], ...}
-    {"op": "call", "service": "/reason_segment", "request": {...}, "timeout_s": 60, "wait": true}
+    {"op": "call", "service": "/reason_segment", "request": {...}, "timeout_s": 60, "wait": true,
+     "type": "ReasonSegment"}   (or "StopTrack")
         -> response summary, or {"id": n} with "wait": false; then {"op": "result", "id": n}
     {"op": "quit"}
 
@@ -32,7 +33,7 @@ import numpy as np
 import rclpy
 from builtin_interfaces.msg import Time
 from llmseg_ros.msg import Segmentation
-from llmseg_ros.srv import ReasonSegment
+from llmseg_ros.srv import ReasonSegment, StopTrack
 from rclpy.executors import MultiThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
@@ -42,6 +43,7 @@ NS = 1_000_000_000
 INVALID_COLUMNS = 4
 DEPTH_MM = 1500
 TYPES = {"Image": Image, "CameraInfo": CameraInfo, "PointCloud2": PointCloud2, "Segmentation": Segmentation}
+SERVICES = {"ReasonSegment": ReasonSegment, "StopTrack": StopTrack}
 
 
 def stamp(ns: int) -> Time:
@@ -156,10 +158,15 @@ class Peer(Node):
                 "num_proposals": msg.num_proposals,
                 "method": msg.method,
                 "stage_names": list(msg.stage_names),
+                "track_id": msg.track_id,
+                "track_state": msg.track_state,
+                "track_reason": msg.track_reason,
             }
         raise TypeError(type(msg).__name__)
 
-    def response_summary(self, r: ReasonSegment.Response) -> dict[str, Any]:
+    def response_summary(self, r: Any) -> dict[str, Any]:
+        if isinstance(r, StopTrack.Response):
+            return {"success": bool(r.success), "message": r.message, "stopped": list(r.stopped)}
         return {
             "success": bool(r.success),
             "message": r.message,
@@ -175,6 +182,7 @@ class Peer(Node):
             "stage_names": list(r.stage_names),
             "stage_seconds": [float(v) for v in r.stage_seconds],
             "overlay": self.image_summary(r.overlay),
+            "track_id": r.track_id,
         }
 
     # -- operations --------------------------------------------------------------------
@@ -255,8 +263,8 @@ class Peer(Node):
             self._received.clear()
         return {}
 
-    def _request(self, fields: dict[str, Any]) -> ReasonSegment.Request:
-        request = ReasonSegment.Request()
+    def _request(self, fields: dict[str, Any], service_type: Any = ReasonSegment) -> Any:
+        request = service_type.Request()
         for name, value in fields.items():
             if name == "stamp_ns":
                 request.stamp = stamp(int(value))
@@ -272,12 +280,13 @@ class Peer(Node):
     def op_call(self, args: dict[str, Any]) -> dict[str, Any]:
         # A client per call: a client that outlived a restarted server may never hear its answer.
         service = args["service"]
-        client = self.create_client(ReasonSegment, service)
+        service_type = SERVICES[args.get("type", "ReasonSegment")]
+        client = self.create_client(service_type, service)
         if not client.wait_for_service(timeout_sec=float(args.get("wait_service_s", 30.0))):
             self.destroy_client(client)
             raise RuntimeError(f"service {service} is not available")
         done = threading.Event()
-        future = client.call_async(self._request(args.get("request", {})))
+        future = client.call_async(self._request(args.get("request", {}), service_type))
         future.add_done_callback(lambda _: done.set())
         call_id = len(self._calls) + 1
         self._calls[call_id] = (done, future)

@@ -39,12 +39,10 @@ def node(ros_env, start_process):
     return proc
 
 
-def readme_service_calls() -> list[str]:
-    """The README's ``ros2 service call /reason_segment`` commands (continuation lines joined)."""
+def readme_service_calls(service: str = "/reason_segment") -> list[str]:
+    """The README's ``ros2 service call <service>`` commands (continuation lines joined)."""
     text = (REPO / "README.md").read_text().replace("\\\n", " ")
-    return [
-        line.strip() for line in text.splitlines() if line.startswith("ros2 service call /reason_segment ")
-    ]
+    return [line.strip() for line in text.splitlines() if line.startswith(f"ros2 service call {service} ")]
 
 
 def test_launch_reaches_active_and_logs_every_input_qos(node) -> None:
@@ -81,12 +79,23 @@ def test_frames_from_sensor_data_and_reliable_publishers_are_used(node, peer) ->
 
 def test_readme_service_calls_run_verbatim(node, peer, ros_env) -> None:
     commands = readme_service_calls()
-    assert len(commands) == 3, commands
+    stops = readme_service_calls("/stop_track")
+    assert len(commands) == 4 and len(stops) == 2, (commands, stops)
     peer.publish(COLOUR, [README_STAMP_NS], size=[H, W], **CAMERA)
-    for command in commands:
+    for command in commands:  # the 4th starts track 'dishes'
         result = shell(ros_env, command, timeout=240)
         assert result.returncode == 0, (command, result.stdout)
         assert "response:" in result.stdout and "success=True" in result.stdout, (command, result.stdout)
+    assert "track_id='dishes'" in result.stdout
+    # No frame comes, so the track may time out (track_timeout, 5 s) before a slow CLI call
+    # arrives: then the stop by id says so; either way the track has ended.
+    by_id = shell(ros_env, stops[0], timeout=60).stdout
+    assert "stopped=['dishes']" in by_id or "it ended already" in by_id, by_id
+    node.wait_for_output(
+        r"track dishes \('where can I put the dirty dishes\?'\) ended: (stopped|expired)", 10
+    )
+    every = shell(ros_env, stops[1], timeout=60).stdout
+    assert "success=True" in every and "stopped=[]" in every, every
 
 
 def test_response_fields_and_every_output_topic(node, peer) -> None:
