@@ -102,9 +102,11 @@ def ros_logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("ros_processes")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def start_process(ros_env: dict[str, str], ros_logs: Path) -> Iterator[Callable[..., RosProcess]]:
-    """``start_process(name, cmd, **env)``: a process in its own group; all are stopped at the end."""
+    """``start_process(name, cmd, **env)``: a process in its own group; those a test module
+    started are stopped when the module ends (a node left running would slow every later
+    test and hold its memory)."""
     started: list[RosProcess] = []
 
     def start(name: str, cmd: list[str], **extra_env: str) -> RosProcess:

@@ -26,7 +26,9 @@ OUTPUTS = {
     "points": ["PointCloud2", f"{NS}/points"],
     "overlay": ["Image", f"{NS}/overlay"],
 }
-SECONDS = itertools.count(1_700_001_000, 100)  # first stamps of each test's frames, increasing
+# First stamp of each batch of frames: increasing, 1 s apart (a batch spans < 1 s). The gap
+# stays well below TRACK_TIMEOUT_S: a camera whose stamps jump further ends its tracks.
+SECONDS = itertools.count(1_700_001_000, 1)
 
 
 @pytest.fixture(scope="module")
@@ -68,10 +70,22 @@ def frames(peer, count: int = 4) -> list[int]:
     return sent
 
 
-def start(peer, **fields) -> dict:
-    response = peer.call(
-        SERVICE, instruction="the red part", selection_strategy="top1_iou", track=True, **fields
-    )
+def start(peer, on: int, **fields) -> dict:
+    """Start a track on the frame stamped ``on`` (waiting, up to 20 s, for the node to have it:
+    a track started on an older frame would miss the frames in between)."""
+    deadline = time.monotonic() + 20.0
+    while True:
+        response = peer.call(
+            SERVICE,
+            instruction="the red part",
+            selection_strategy="top1_iou",
+            track=True,
+            stamp_ns=on,
+            **fields,
+        )
+        if "no buffered frame" not in response["message"] or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     assert response["success"], response["message"]
     assert response["track_id"], response
     return response
@@ -98,7 +112,7 @@ def track_messages(peer, track_id: str, *, until_stamp: int | None = None, state
 def test_track_publishes_every_output_with_each_frames_header_and_stops(node, peer) -> None:
     first = frames(peer, 2)
     peer("clear")
-    r = start(peer, track_id="dishes")
+    r = start(peer, first[-1], track_id="dishes")
     assert r["track_id"] == "dishes" and r["frame_stamp_ns"] == first[-1]
     sent = frames(peer)
     mine = track_messages(peer, "dishes", until_stamp=sent[-1])
@@ -138,10 +152,10 @@ def test_track_publishes_every_output_with_each_frames_header_and_stops(node, pe
 
 
 def test_two_tracks_at_once_each_with_its_id(node, peer) -> None:
-    frames(peer, 1)
+    latest = frames(peer, 1)[-1]
     peer("clear")
-    a = start(peer)["track_id"]
-    assert start(peer, track_id="box")["track_id"] == "box"
+    a = start(peer, latest)["track_id"]
+    assert start(peer, latest, track_id="box")["track_id"] == "box"
     assert a != "box" and len(a) == 12
     third = peer.call(SERVICE, instruction="the blue part", track=True)
     assert (
@@ -160,9 +174,9 @@ def test_two_tracks_at_once_each_with_its_id(node, peer) -> None:
 
 
 def test_track_ends_after_track_timeout_without_frames(node, peer) -> None:
-    frames(peer, 1)
+    latest = frames(peer, 1)[-1]
     peer("clear")
-    track_id = start(peer, track_id="timeout")["track_id"]
+    track_id = start(peer, latest, track_id="timeout")["track_id"]
     t0 = time.monotonic()
     ended = track_messages(peer, track_id, state="ended")
     assert ended and ended[-1]["track_state"] == "ended", ended
