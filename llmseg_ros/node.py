@@ -55,7 +55,7 @@ from std_msgs.msg import Header
 
 from llmseg_ros.config import TrackerConfig
 from llmseg_ros.msg import Segmentation
-from llmseg_ros.ros.frames import FrameBuffer, frame_from_messages
+from llmseg_ros.ros.frames import FrameBuffer, format_stamp, frame_keeping_colour
 from llmseg_ros.ros.gate import GatedSegmenter, ModelGate
 from llmseg_ros.ros.handler import RequestError, RequestHandler, SegmentationOutcome
 from llmseg_ros.ros.messages import MessageBuilder, MessageTypes, PythonArrays
@@ -474,10 +474,16 @@ class PerceptionNode(LifecycleNodeMixin, Node):
         if not self._active.is_set() or buffer is None:
             return
         try:
-            frame = frame_from_messages(image, depth, camera_info)
+            frame, depth_problem = frame_keeping_colour(image, depth, camera_info)
         except (ValueError, TypeError) as exc:
             self.get_logger().warning(f"dropped a frame: {exc}", throttle_duration_sec=5.0)
             return
+        if depth_problem is not None:
+            self.get_logger().warning(
+                f"frame {format_stamp(frame.stamp_ns)}: its depth is not used ({depth_problem}); its answers "
+                "have mask, segmentation and overlay but no masked_depth or points",
+                throttle_duration_sec=5.0,
+            )
         buffer.add(frame)
         if precompute is not None:
             precompute.submit(frame)

@@ -180,6 +180,22 @@ def test_a_frame_with_non_finite_intrinsics_is_refused_before_anything_is_publis
         )
 
 
+def test_a_bad_camera_info_costs_the_frame_its_depth_not_its_mask() -> None:
+    from ros_testing import colour_image, image_msg
+
+    from llmseg_ros.ros.frames import frame_keeping_colour
+
+    colour, depth = image_msg(colour_image(12, 20), "rgb8"), image_msg(synthetic_depth_mm(), "16UC1")
+    bad = camera_info_msg((FX, FY, float("nan"), CY), 20, 12)
+    frame, problem = frame_keeping_colour(colour, depth, bad)
+    assert frame.rgb.shape == (12, 20, 3) and frame.depth is None and frame.intrinsics is None
+    assert problem is not None and "CameraInfo.k" in problem
+    frame, problem = frame_keeping_colour(colour, depth, camera_info_msg((FX, FY, CX, CY), 20, 12))
+    assert problem is None and frame.depth is not None and frame.intrinsics is not None
+    with pytest.raises(ValueError, match="encoding"):  # the colour image itself is still checked
+        frame_keeping_colour(image_msg(colour_image(12, 20), "yuv422_yuy2_bad"), depth, bad)
+
+
 def test_cloud_is_dense_only_when_every_point_is_finite() -> None:
     # finite but extreme intrinsics overflow float32: those points are dropped, never published
     extreme = Intrinsics(FX, 1e-300, CX, CY, width=20, height=12)

@@ -43,7 +43,7 @@ from llmseg_ros.ros.bag_files import (
     open_bag,
     read_messages,
 )
-from llmseg_ros.ros.frames import NS_PER_S, FrameBuffer, format_stamp, frame_from_messages, stamp_to_ns
+from llmseg_ros.ros.frames import NS_PER_S, FrameBuffer, format_stamp, frame_keeping_colour, stamp_to_ns
 from llmseg_ros.ros.handler import (
     HandlerSettings,
     RequestError,
@@ -425,11 +425,13 @@ class _Replay:
                 f"{where}: no depth + camera_info within {self.slop_s:g} s; answered without depth"
             )
         try:
-            frame = frame_from_messages(colour, depth, info)
+            frame, depth_problem = frame_keeping_colour(colour, depth, info)
         except (ValueError, TypeError) as exc:
             summary.failed += 1
             summary.messages.append(f"{where}: {exc}")
             return
+        if depth_problem is not None:
+            summary.messages.append(f"{where}: depth not used ({depth_problem}); answered without depth")
         self.buffer.add(frame)
         if self.live is not None and len(self.live):
             for message in self.live.step(frame):

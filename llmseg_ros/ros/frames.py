@@ -158,6 +158,26 @@ def frame_from_messages(
     return frame
 
 
+def frame_keeping_colour(image: Any, depth: Any = None, camera_info: Any = None) -> tuple[Frame, str | None]:
+    """:func:`frame_from_messages`, keeping the colour image when only the depth side is bad.
+
+    A depth image or CameraInfo that cannot be used (an unsupported encoding, a size that
+    does not match, an uncalibrated or non-finite CameraInfo) does not cost the frame its
+    mask: the frame is kept without depth (no ``masked_depth`` or ``points`` for it).
+
+    Returns:
+        (frame, why its depth was left out, or ``None`` when it was used).
+    Raises:
+        ValueError, TypeError: the colour image itself cannot be used.
+    """
+    try:
+        return frame_from_messages(image, depth, camera_info), None
+    except (ValueError, TypeError) as exc:
+        if depth is None:
+            raise
+        return frame_from_messages(image), str(exc)
+
+
 class FrameLookupError(LookupError):
     """No buffered frame fits the request (none yet, or a stale / unknown stamp)."""
 
