@@ -71,17 +71,15 @@ class FaultySegmenter(pipeline.ReasonSegmenter):
 def main() -> int:
     import llmseg_ros.node as node_module  # rclpy: only in the node's own process
 
-    convert = node_module.frame_from_messages
+    convert = node_module.frame_keeping_colour
 
-    def poisoned_frame_from_messages(
-        image: Any, depth: Any = None, camera_info: Any = None, **kw: Any
-    ) -> Any:
+    def poisoned_frame_keeping_colour(image: Any, depth: Any = None, camera_info: Any = None) -> Any:
         if image.header.frame_id == "poison":
             raise RuntimeError("injected fault in the frame conversion")
-        return convert(image, depth, camera_info, **kw)
+        return convert(image, depth, camera_info)
 
     pipeline.ReasonSegmenter = FaultySegmenter
-    node_module.frame_from_messages = poisoned_frame_from_messages
+    node_module.frame_keeping_colour = poisoned_frame_keeping_colour
     return node_module.main()
 
 
