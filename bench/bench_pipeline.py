@@ -19,7 +19,6 @@ memory (RSS; CUDA allocator peak on a GPU). Writes JSON + Markdown (atomically).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import resource
@@ -35,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from llmseg_ros.config import SegmenterConfig
 from llmseg_ros.pipeline import ReasonSegmenter
-from llmseg_ros.utils.atomic import atomic_write_text
+from llmseg_ros.utils.atomic import write_results
 from llmseg_ros.utils.imageio import read_rgb
 
 DEMO = Path(__file__).resolve().parents[1] / "llmseg_ros" / "assets" / "kitchen.jpg"
@@ -175,9 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     md = to_markdown(result)
     print(md)
     stem = f"pipeline_{config.method}_{config.profile}"
-    atomic_write_text(args.out / f"{stem}.json", json.dumps(result, indent=2) + "\n")
-    atomic_write_text(args.out / f"{stem}.md", md)
-    print(f"written: {args.out / (stem + '.json')}, {args.out / (stem + '.md')}")
+    written = write_results(args.out, stem, result, md)
+    print(f"written: {written[0]}, {written[1]}")
     return 0
 
 

@@ -50,7 +50,7 @@ from llmseg_ros.models.proposals import ProposalGenerator
 from llmseg_ros.tiny import TINY_PROPOSALS
 from llmseg_ros.training.precompute import precompute_cache
 from llmseg_ros.training.precompute_run import ENCODER_DTYPES, dinov2_batch_features
-from llmseg_ros.utils.atomic import atomic_write_text
+from llmseg_ros.utils.atomic import write_results
 from llmseg_ros.utils.device import resolve_device
 from llmseg_ros.utils.distributed import launched_world, rank_device
 
@@ -240,8 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         "backbone": backbone_ratio(args) if args.dinov2 != "none" else None,
     }
     name = f"precompute_{args.model}_{args.dinov2}"
-    atomic_write_text(args.out / f"{name}.json", json.dumps(result, indent=2) + "\n")
-    atomic_write_text(args.out / f"{name}.md", to_markdown(result))
+    write_results(args.out, name, result, to_markdown(result))
     print(to_markdown(result))
     print(f"same cache bytes with 1 and {args.processes} processes: {same}")
     return 0

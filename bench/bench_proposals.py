@@ -49,7 +49,7 @@ from llmseg_ros.models.proposals import ProposalGenerator
 from llmseg_ros.models.sam import SAM_MODEL_TYPES, build_sam
 from llmseg_ros.tiny.sam import build_tiny_sam, liven_sam
 from llmseg_ros.types import Proposals
-from llmseg_ros.utils.atomic import atomic_write_text
+from llmseg_ros.utils.atomic import write_results
 from llmseg_ros.utils.device import resolve_device
 
 IMAGE_SIZES = ((480, 640), (768, 1024))  # (H, W), used in turn
@@ -369,8 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(markdown)
     stem = f"proposals_{args.model}_{result['setting']}"
-    atomic_write_text(args.out / f"{stem}.json", json.dumps(result, indent=2) + "\n")
-    atomic_write_text(args.out / f"{stem}.md", markdown)
+    write_results(args.out, stem, result, markdown)
     print(f"wrote {args.out / stem}.json and .md")
     return 0
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import tempfile
 import time
@@ -49,7 +48,7 @@ from bench_pipeline import DEMO, machine_info, median_timings, peak_rss_mib
 from llmseg_ros.config import ProposalConfig, SegmenterConfig, TrackerConfig
 from llmseg_ros.pipeline import ReasonSegmenter
 from llmseg_ros.types import SegmentResult
-from llmseg_ros.utils.atomic import atomic_write_text
+from llmseg_ros.utils.atomic import write_results
 from llmseg_ros.utils.imageio import read_rgb
 
 INSTRUCTION = "something I could stand on to reach the shelf"
@@ -270,9 +269,8 @@ def main(argv: list[str] | None = None) -> int:
             md = to_markdown(result)
             print(md)
             stem = f"tracking_{result['model']}"
-            atomic_write_text(args.out / f"{stem}.json", json.dumps(result, indent=2) + "\n")
-            atomic_write_text(args.out / f"{stem}.md", md)
-            print(f"written: {args.out / (stem + '.json')}, {args.out / (stem + '.md')}")
+            written = write_results(args.out, stem, result, md)
+            print(f"written: {written[0]}, {written[1]}")
     return 0
 
 

@@ -20,7 +20,6 @@ Modes:
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -191,10 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     md = to_markdown(res)
     print(md)
     args.out.mkdir(parents=True, exist_ok=True)
-    from llmseg_ros.utils.atomic import atomic_write_text
+    from llmseg_ros.utils.atomic import write_results
 
-    for name, text in (("memory.json", json.dumps(res, indent=2) + "\n"), ("memory.md", md)):
-        atomic_write_text(args.out / name, text)
+    write_results(args.out, "memory", res, md)
     return 0
 
 

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch
 from ros_testing import FakeSegmenter
 
-import llmseg_ros.cli.replay as replay_cli
+import llmseg_ros.cli.common as cli_common
 import llmseg_ros.pipeline as pipeline
 from llmseg_ros.cli import main
 
@@ -53,7 +53,7 @@ def run(argv: list[str]) -> int:
     options, rest = argv[:split], argv[split + 1 :]
     NativeWorkSegmenter.marker = Path(options[0])
     NativeWorkSegmenter.busy = "--busy" in options
-    replay_cli.report_missing_inputs = lambda config, command: False  # type: ignore[assignment]
+    cli_common.report_missing_inputs = lambda config, command: False  # type: ignore[assignment]
     pipeline.ReasonSegmenter = lambda config: NativeWorkSegmenter(config=config)  # type: ignore[assignment,misc]
     return main(["replay-bag", *rest])
 

@@ -14,8 +14,7 @@ from llmseg_ros.cli.common import (
     EXIT_OK,
     EXIT_USAGE,
     config_from_args,
-    prefer_cached_models,
-    report_missing_inputs,
+    segmenter_for,
 )
 from llmseg_ros.tiny import TINY_BANNER
 
@@ -60,12 +59,9 @@ def cmd_segment(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    if report_missing_inputs(config, "segment"):
+    segmenter = segmenter_for(config, "segment")
+    if segmenter is None:
         return EXIT_MISSING_WEIGHTS
-    config = prefer_cached_models(config)
-    from llmseg_ros.pipeline import ReasonSegmenter
-
-    segmenter = ReasonSegmenter(config)
     try:
         t0 = time.perf_counter()
         segmenter.load()

@@ -6,10 +6,13 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llmseg_ros.config import METHODS, SELECTION_STRATEGIES, SegmenterConfig, SelectionConfig
 from llmseg_ros.tiny import TINY_BANNER, build_tiny_profile, default_cache_dir
+
+if TYPE_CHECKING:
+    from llmseg_ros.pipeline import ReasonSegmenter
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_MISSING_WEIGHTS = 0, 1, 2, 3
 
@@ -113,3 +116,13 @@ def prefer_cached_models(config: SegmenterConfig) -> SegmenterConfig:
     names = ", ".join(str(getattr(config, key)) for key in cached)
     print(f"the Hugging Face hub cannot be reached ({reason}); using the cached {names}", file=sys.stderr)
     return config.replace(**cached)
+
+
+def segmenter_for(config: SegmenterConfig, command: str) -> ReasonSegmenter | None:
+    """The segmenter ``llmseg <command>`` runs (models not loaded yet), or ``None`` after
+    printing which model files are missing (:func:`report_missing_inputs`)."""
+    if report_missing_inputs(config, command):
+        return None
+    from llmseg_ros.pipeline import ReasonSegmenter
+
+    return ReasonSegmenter(prefer_cached_models(config))

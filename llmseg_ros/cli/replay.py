@@ -34,8 +34,7 @@ from llmseg_ros.cli.common import (
     EXIT_USAGE,
     add_model_arguments,
     config_from_args,
-    prefer_cached_models,
-    report_missing_inputs,
+    segmenter_for,
 )
 from llmseg_ros.tiny import TINY_BANNER
 
@@ -145,12 +144,9 @@ def _run_replay(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    if report_missing_inputs(config, "replay-bag"):
+    segmenter = segmenter_for(config, "replay-bag")
+    if segmenter is None:
         return EXIT_MISSING_WEIGHTS
-    config = prefer_cached_models(config)
-    from llmseg_ros.pipeline import ReasonSegmenter
-
-    segmenter = ReasonSegmenter(config)
     t0 = time.perf_counter()
     try:
         segmenter.load()

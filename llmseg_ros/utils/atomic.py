@@ -100,6 +100,15 @@ def atomic_write_json(path: str | Path, data: Any, *, indent: int | None = 2) ->
     return atomic_write_text(path, json.dumps(data, indent=indent, ensure_ascii=False) + "\n")
 
 
+def write_results(directory: str | Path, stem: str, data: Any, markdown: str) -> tuple[Path, Path]:
+    """A benchmark's or report's results as ``stem.json`` and ``stem.md`` in ``directory``
+    (each written atomically); returns both paths."""
+    directory = Path(directory)
+    return atomic_write_json(directory / f"{stem}.json", data), atomic_write_text(
+        directory / f"{stem}.md", markdown
+    )
+
+
 @contextmanager
 def atomic_directory(directory: str | Path) -> Iterator[Path]:
     """Build a directory under a temporary sibling name and move it into place on success.

@@ -70,7 +70,8 @@ __all__ = [
 
 
 class ShardWriter:
-    """Writes named tensors as ``model-XXXXX-of-YYYYY.safetensors`` shards of at most ``shard_bytes``."""
+    """Writes named tensors as numbered shards (``model-00001-of-00003.safetensors``, ...) of
+    at most ``shard_bytes`` each."""
 
     def __init__(self, directory: Path, shard_bytes: int) -> None:
         self.directory = directory
